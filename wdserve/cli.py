@@ -1,0 +1,58 @@
+"""The ``wdserve`` command line.
+
+Each subcommand lives beside the code it drives, in a module exposing
+``configure_<name>(parser)`` and ``run_<name>(args) -> int | None``. Modules are
+imported only for the subcommand being run, so ``wdserve serve`` on a serving
+install never imports PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "pipeline": ("wdserve.pipeline", "run every stage of a pipeline config (data to report)"),
+    "data": ("distill.cli", "write a synthetic corpus, or download Multi30k"),
+    "train": ("distill.cli", "train a model on a parallel corpus"),
+    "evaluate": ("distill.cli", "score a checkpoint or CTranslate2 model with sacreBLEU"),
+    "distill": ("distill.cli", "train one student from a teacher checkpoint"),
+    "export": ("export.cli", "convert a checkpoint to CTranslate2 and verify it"),
+    "serve": ("server.cli", "serve CTranslate2 models over HTTP"),
+    "bench": ("loadtest.cli", "load-test teacher against students and write a report"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wdserve", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        getattr(module, f"configure_{name}")(command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(getattr(module, f"run_{args.command}")(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""``wdserve pipeline``: corpus -> vocabulary -> teacher -> students -> CTranslate2 -> report.
+
+Each stage reads the previous stage's files from the run directory and writes its
+own; a stage whose outputs exist is skipped, and training stages resume from their
+last checkpoint, so a killed run is continued by running the same command again.
+``DIR/report.json`` is rewritten after every stage, so what finished is never lost.
+
+Config (YAML), every section but ``teacher`` optional::
+
+    name: tiny
+    seed: 1
+    data:        # either synthetic: {train: N, valid: N, test: N, seed: S}
+      dir: ../shared/data/multi30k        # or --data-dir / $WDSERVE_DATA_DIR
+      source_lang: de
+      target_lang: en
+      splits: {train: train, valid: val, test: test_2016_flickr}   # files {dir}/{split}.{lang}[.gz]
+      clean: {max_words: 100, max_ratio: 3.0}
+    vocab: {size: 8000}
+    teacher: {model: {...ModelConfig fields}, train: {...TrainConfig fields}}
+    seqkd: {beam_size: 4, with_bitext: true}
+    students:
+      - {name: student, method: wd, preset: stu1, model: {...}, data: seqkd, phase1: {...}, phase2: {...}}
+    export: {quantizations: [int8, float32], verify_sentences: 100}
+    evaluate: {beam_size: 4}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("wdserve.pipeline")
+
+SPLITS = ("train", "valid", "test")
+DEFAULT_QUANTIZATIONS = ("int8", "float32")
+STUDENT_KEYS = ("name", "method", "preset", "model", "data")  # the rest are method options
+
+
+def configure_pipeline(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="pipeline YAML, e.g. configs/tiny.yaml")
+    parser.add_argument("--workdir", type=Path, required=True, help="run directory (created if missing)")
+    parser.add_argument(
+        "--data-dir", type=Path, default=None,
+        help="directory of the corpus files (overrides data.dir and $WDSERVE_DATA_DIR)",
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    Pipeline(config, args.workdir, data_dir=args.data_dir, device=args.device).run()
+    return 0
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"pipeline config not found: {path}")
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(config, dict) or "teacher" not in config:
+        raise SystemExit(f"{path}: a pipeline config needs at least a 'teacher' section")
+    config.setdefault("name", path.stem)
+    return config
+
+
+class Pipeline:
+    def __init__(
+        self, config: dict[str, Any], workdir: Path, data_dir: Path | None = None, device: str | None = None
+    ) -> None:
+        import torch
+
+        self.config = config
+        self.workdir = Path(workdir)
+        self.data_dir = data_dir
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.report_path = self.workdir / "report.json"
+        self.report: dict[str, Any] = (
+            json.loads(self.report_path.read_text()) if self.report_path.is_file() else {}
+        )
+        self.report.update({"config": config.get("name"), "device": self.device})
+        self.report.setdefault("models", {})
+
+    # ---------------------------------------------------------------- driver
+    def run(self) -> dict[str, Any]:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        stages = [
+            ("data", self.stage_data),
+            ("vocab", self.stage_vocab),
+            ("teacher", self.stage_teacher),
+            ("seqkd", self.stage_seqkd),
+            ("students", self.stage_students),
+            ("export", self.stage_export),
+            ("evaluate", self.stage_evaluate),
+        ]
+        for name, stage in stages:
+            started = time.perf_counter()
+            log.info("stage %s: start", name)
+            stage()
+            seconds = time.perf_counter() - started
+            self.report.setdefault("stage_seconds", {})[name] = round(seconds, 2)
+            self.write_report()
+            log.info("stage %s: done in %.1fs", name, seconds)
+        log.info("report written to %s", self.report_path)
+        return self.report
+
+    def write_report(self) -> None:
+        from distill.checkpoint import atomic_save_text
+
+        atomic_save_text(json.dumps(self.report, indent=2, sort_keys=False) + "\n", self.report_path)
+
+    # ---------------------------------------------------------------- paths
+    def data_path(self, split: str, side: str) -> Path:
+        return self.workdir / "data" / f"{split}.{side}"
+
+    def model_dir(self, name: str) -> Path:
+        return self.workdir / "models" / name
+
+    def checkpoint(self, name: str) -> Path:
+        return self.model_dir(name) / "checkpoint_best.pt"
+
+    def export_dir(self, name: str, quantization: str) -> Path:
+        return self.workdir / "export" / f"{name}-{quantization}"
+
+    @property
+    def languages(self) -> tuple[str, str]:
+        data = self.config.get("data", {})
+        if "synthetic" in data:
+            from distill.synthetic import SOURCE_LANG, TARGET_LANG
+
+            return SOURCE_LANG, TARGET_LANG
+        return data["source_lang"], data["target_lang"]
+
+    def pairs(self, split: str) -> list[tuple[str, str]]:
+        from distill.data import read_parallel
+
+        return read_parallel(self.data_path(split, "src"), self.data_path(split, "tgt"))
+
+    def model_names(self) -> list[str]:
+        return ["teacher"] + [student["name"] for student in self.config.get("students", [])]
+
+    # ---------------------------------------------------------------- stages
+    def stage_data(self) -> None:
+        from distill.data import clean_pairs, read_parallel, write_parallel
+
+        if all(self.data_path(split, side).is_file() for split in SPLITS for side in ("src", "tgt")):
+            log.info("data already prepared in %s", self.workdir / "data")
+            return
+        data = self.config.get("data", {})
+        if "synthetic" in data:
+            from distill.synthetic import write_synthetic
+
+            synthetic = dict(data["synthetic"])
+            seed = synthetic.pop("seed", self.config.get("seed", 1))
+            write_synthetic(self.workdir / "data", sizes=synthetic, seed=seed)
+            summary = {split: synthetic.get(split) for split in SPLITS}
+        else:
+            root = self.data_dir or os.environ.get("WDSERVE_DATA_DIR") or data.get("dir")
+            if not root:
+                raise SystemExit("no corpus directory: set data.dir, --data-dir or $WDSERVE_DATA_DIR")
+            root = Path(root)
+            src_lang, tgt_lang = self.languages
+            names = {"train": "train", "valid": "valid", "test": "test", **data.get("splits", {})}
+            summary = {}
+            for split in SPLITS:
+                pairs = read_parallel(
+                    _corpus_file(root, names[split], src_lang), _corpus_file(root, names[split], tgt_lang)
+                )
+                if split == "train":
+                    pairs, report = clean_pairs(pairs, **data.get("clean", {}))
+                    log.info("cleaning %s: %s", split, report.summary())
+                    self.report["data_cleaning"] = report.summary()
+                write_parallel(pairs, self.data_path(split, "src"), self.data_path(split, "tgt"))
+                summary[split] = len(pairs)
+        self.report["data"] = {"languages": list(self.languages), "pairs": summary}
+
+    def stage_vocab(self) -> None:
+        from distill.vocab import train_sentencepiece
+
+        path = self.workdir / "vocab" / "spm.model"
+        if path.is_file():
+            log.info("vocabulary exists: %s", path)
+            return
+        pairs = self.pairs("train")
+        size = self.config.get("vocab", {}).get("size", 8000)
+        train_sentencepiece([text for pair in pairs for text in pair], path, vocab_size=size)
+        self.report["vocab"] = {"path": str(path), "requested_size": size}
+
+    def vocab(self):
+        from distill.vocab import Vocab
+
+        return Vocab(self.workdir / "vocab" / "spm.model")
+
+    def meta(self, name: str, method: str, **extra: Any) -> dict[str, Any]:
+        src, tgt = self.languages
+        return {"name": name, "method": method, "source_lang": src, "target_lang": tgt, **extra}
+
+    def stage_teacher(self) -> None:
+        import torch
+
+        from distill.model import ModelConfig, Transformer
+        from distill.train import TrainConfig, encode_pairs, train
+
+        section = self.config["teacher"]
+        vocab = self.vocab()
+        torch.manual_seed(self.config.get("seed", 1))
+        model = Transformer(ModelConfig(vocab_size=len(vocab), **section.get("model", {})))
+        train_cfg = TrainConfig(**{"seed": self.config.get("seed", 1), **section.get("train", {})})
+        result = train(
+            model.to(self.device),
+            vocab,
+            encode_pairs(vocab, self.pairs("train")),
+            self.pairs("valid"),
+            train_cfg,
+            self.model_dir("teacher"),
+            self.meta("teacher", "teacher"),
+        )
+        self.report["models"].setdefault("teacher", {}).update(
+            {"method": "teacher", "checkpoint": str(result.best_path), "dev_bleu": result.best_bleu,
+             "steps": result.steps}
+        )
+
+    def students_needing_seqkd(self) -> list[dict[str, Any]]:
+        return [s for s in self.config.get("students", []) if s.get("data", "seqkd") != "bitext"]
+
+    def stage_seqkd(self) -> None:
+        if not self.students_needing_seqkd():
+            log.info("no student trains on distilled data; skipping")
+            return
+        from distill.seqkd import generate_seqkd_targets
+
+        section = self.config.get("seqkd", {})
+        ct2_dir = self.export_teacher_for_generation()
+        sources = [src for src, _ in self.pairs("train")]
+        generate_seqkd_targets(
+            self.checkpoint("teacher"),
+            sources,
+            self.workdir / "seqkd" / "train.tgt",
+            beam_size=section.get("beam_size", 4),
+            ct2_model_dir=ct2_dir,
+            device=self.device,
+        )
+
+    def export_teacher_for_generation(self) -> Path | None:
+        """The float32 CTranslate2 teacher (much faster than PyTorch beam search), if CTranslate2 is here."""
+        try:
+            from export.convert import convert_checkpoint
+        except ImportError as err:  # a GPU training host may have PyTorch but not CTranslate2
+            log.warning("CTranslate2 unavailable (%s): sequence-level KD uses PyTorch beam search", err)
+            return None
+        out = self.export_dir("teacher", "float32")
+        if not (out / "model.json").is_file():
+            convert_checkpoint(self.checkpoint("teacher"), out, quantization="float32", name="teacher")
+        return out
+
+    def seqkd_pairs(self, with_bitext: bool) -> list[tuple[str, str]]:
+        bitext = self.pairs("train")
+        targets = (self.workdir / "seqkd" / "train.tgt").read_text(encoding="utf-8").splitlines()
+        if len(targets) != len(bitext):
+            raise SystemExit(f"{self.workdir / 'seqkd' / 'train.tgt'} has {len(targets)} lines, "
+                             f"expected {len(bitext)}; delete it to regenerate")
+        distilled = [(src, hyp) for (src, _), hyp in zip(bitext, targets, strict=True) if hyp.strip()]
+        return distilled + bitext if with_bitext else distilled
+
+    def stage_students(self) -> None:
+        from distill.checkpoint import read_checkpoint
+        from distill.model import ModelConfig
+        from distill.students import student_config, train_student
+
+        teacher_config = ModelConfig.from_dict(read_checkpoint(self.checkpoint("teacher"))["config"])
+        with_bitext = self.config.get("seqkd", {}).get("with_bitext", True)
+        valid = self.pairs("valid")
+        for spec in self.config.get("students", []):
+            name, method = spec["name"], spec["method"]
+            data = spec.get("data", "seqkd")
+            train_pairs = self.pairs("train") if data == "bitext" else self.seqkd_pairs(with_bitext)
+            config = student_config(teacher_config, spec.get("preset"), spec.get("model", {}))
+            log.info("student %s: method %s on %s data (%d pairs)", name, method, data, len(train_pairs))
+            options = {k: v for k, v in spec.items() if k not in STUDENT_KEYS}
+            options.setdefault("seed", self.config.get("seed", 1))
+            path = train_student(
+                self.checkpoint("teacher"), name, method, config, train_pairs, valid,
+                self.model_dir(name), options, device=self.device,
+            )
+            self.report["models"].setdefault(name, {}).update(
+                {"method": method, "data": data, "checkpoint": str(path)}
+            )
+
+    def stage_export(self) -> None:
+        from export.convert import convert_checkpoint
+        from export.verify import verify_export
+
+        section = self.config.get("export", {})
+        quantizations = section.get("quantizations", list(DEFAULT_QUANTIZATIONS))
+        sources = [src for src, _ in self.pairs("test")][: section.get("verify_sentences", 100)]
+        for name in self.model_names():
+            dirs = {}
+            for quantization in quantizations:
+                out = self.export_dir(name, quantization)
+                if not (out / "model.json").is_file():
+                    convert_checkpoint(self.checkpoint(name), out, quantization=quantization, name=name)
+                dirs[quantization] = out
+            entry = self.report["models"].setdefault(name, {})
+            entry["exports"] = {q: str(p) for q, p in dirs.items()}
+            entry["export_size_bytes"] = {q: _dir_size(p) for q, p in dirs.items()}
+            entry["parity"] = verify_export(self.checkpoint(name), dirs, sources, device=self.device)
+            self.write_report()
+
+    def stage_evaluate(self) -> None:
+        import torch
+
+        from distill.checkpoint import load_model
+        from distill.decode import translate
+        from distill.evaluate import score
+        from distill.model import Transformer, count_parameters
+
+        beam = self.config.get("evaluate", {}).get("beam_size", 4)
+        test = self.pairs("test")
+        sources, references = [s for s, _ in test], [t for _, t in test]
+        for name in self.model_names():
+            model, vocab, _ = load_model(self.checkpoint(name), self.device)
+            started = time.perf_counter()
+            hypotheses = translate(model, vocab, sources, beam_size=beam, device=self.device)
+            seconds = time.perf_counter() - started
+            entry = self.report["models"].setdefault(name, {})
+            entry.update({
+                "parameters": count_parameters(model),
+                "test": {**score(hypotheses, references), "beam_size": beam,
+                         "pytorch_seconds": round(seconds, 3)},
+            })
+            if name == "teacher":  # the floor a trained teacher must clear
+                torch.manual_seed(self.config.get("seed", 1))
+                untrained = Transformer(model.config).to(self.device).eval()
+                baseline = score(translate(untrained, vocab, sources, beam_size=1, device=self.device),
+                                 references)
+                self.report["untrained_test_bleu"] = baseline["bleu"]
+            log.info("%s: BLEU %.2f chrF %.2f (%d parameters)", name, entry["test"]["bleu"],
+                     entry["test"]["chrf"], entry["parameters"])
+            self.write_report()
+
+
+def _corpus_file(root: Path, split: str, lang: str) -> Path:
+    for candidate in (root / f"{split}.{lang}.gz", root / f"{split}.{lang}"):
+        if candidate.is_file():
+            return candidate
+    raise SystemExit(f"corpus file not found: {root / f'{split}.{lang}'}[.gz]")
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

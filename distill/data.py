@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import gzip
 import logging
+import urllib.error
+import urllib.request
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distill.checkpoint import atomic_save_text
-
 log = logging.getLogger(__name__)
 
 GZIP_MAGIC = b"\x1f\x8b"
+MULTI30K_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw"
+MULTI30K_SPLITS = ("train", "val", "test_2016_flickr")
+MULTI30K_LANGUAGES = ("de", "en", "fr")
 
 
 class DataError(ValueError):
@@ -114,9 +117,57 @@ def clean_pairs(
 
 def write_parallel(pairs: Iterable[tuple[str, str]], src_path: Path, tgt_path: Path) -> None:
     """Writes the two sides as UTF-8 lines, each file atomically (temporary file, then rename)."""
+    from distill.checkpoint import atomic_save_text  # imports PyTorch; keep `import distill.data` light
+
     pairs = list(pairs)
     for source, target in pairs:
         if "\n" in source or "\n" in target:
             raise DataError(f"a sentence contains a newline and would break line alignment: {source!r}")
     atomic_save_text("".join(f"{s}\n" for s, _ in pairs), Path(src_path))
     atomic_save_text("".join(f"{t}\n" for _, t in pairs), Path(tgt_path))
+
+
+def download_multi30k(
+    out_dir: Path,
+    base_url: str = MULTI30K_URL,
+    splits: Iterable[str] = MULTI30K_SPLITS,
+    languages: Iterable[str] = MULTI30K_LANGUAGES,
+    timeout: float = 60.0,
+) -> list[Path]:
+    """Downloads Multi30k task 1 files ``{split}.{lang}.gz`` into ``out_dir``; files present are kept.
+
+    Each file is checked to be readable gzip text before it is renamed into place.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for split in splits:
+        for lang in languages:
+            path = out_dir / f"{split}.{lang}.gz"
+            paths.append(path)
+            if path.is_file():
+                log.info("already present: %s", path)
+                continue
+            url = f"{base_url.rstrip('/')}/{path.name}"
+            log.info("downloading %s", url)
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as response:
+                    payload = response.read()
+            except (urllib.error.URLError, OSError) as err:
+                reason = getattr(err, "reason", err)
+                raise DataError(
+                    f"cannot download {url}: {reason}. Without internet access, point the config's "
+                    f"data.dir (or --data-dir / $WDSERVE_DATA_DIR) at an existing copy of Multi30k, "
+                    f"such as ../shared/data/multi30k"
+                ) from err
+            if payload[:2] != GZIP_MAGIC:
+                raise DataError(f"{url} did not return a gzip file (got {len(payload)} bytes)")
+            tmp = path.with_name(f".{path.name}.part")
+            tmp.write_bytes(payload)
+            try:
+                read_lines(tmp)
+            except DataError:
+                tmp.unlink()
+                raise
+            tmp.replace(path)
+    return paths

@@ -1,9 +1,12 @@
 """Fixtures shared across the test areas.
 
-``tiny_workdir`` is a pipeline run directory built in seconds, without training:
-synthetic data, a SentencePiece model, random-init teacher and students, and
-their CTranslate2 exports. Random models translate into garbage, but valid
-garbage: every stage after training (export, serving, load testing) can run on it.
+``tiny_workdir`` is a pipeline run directory built in seconds: synthetic data, a
+SentencePiece model, a teacher and two students given a few dozen optimizer steps
+(not training: just enough that they emit ordinary pieces and often ``</s>``
+instead of repeating ``<s>``, as an untouched random model does, which decodes
+to empty strings), and their CTranslate2 exports. Their translations are garbage,
+but non-empty, valid garbage: every stage after training (export, serving, load
+testing) can run on it.
 """
 
 from __future__ import annotations
@@ -36,11 +39,36 @@ TINY_MODELS = {  # name -> (architecture, meta["method"])
     "student-kd": (TINY_STUDENT, "seqkd"),
 }
 TINY_QUANTIZATIONS = ("int8", "float32")
+TINY_WARM_UP_STEPS = 60
+
+
+def _warm_up(model, examples: list[tuple[list[int], list[int]]], steps: int) -> None:
+    """A few teacher-forced cross-entropy steps (independent of distill.train on purpose)."""
+    import torch.nn.functional as F
+
+    from distill.model import BOS_ID, EOS_ID, PAD_ID
+
+    def pad(rows: list[list[int]]) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [PAD_ID] * (width - len(r)) for r in rows])
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(steps):
+        start = (step * 32) % (len(examples) - 32)
+        batch = examples[start : start + 32]
+        src = pad([s for s, _ in batch])
+        tgt_in, tgt_out = pad([[BOS_ID] + t for _, t in batch]), pad([t + [EOS_ID] for _, t in batch])
+        loss = F.cross_entropy(model(src, tgt_in).transpose(1, 2), tgt_out, ignore_index=PAD_ID)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
 
 
 @pytest.fixture(scope="session")
 def tiny_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run directory in the pipeline layout (see COMMON.md), with untrained models:
+    """A run directory in the pipeline layout (see COMMON.md), with barely trained models:
 
     ``data/{train,valid,test}.{src,tgt}``, ``vocab/spm.model``,
     ``models/{teacher,student,student-kd}/checkpoint_best.pt`` and
@@ -50,7 +78,7 @@ def tiny_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip("tiny_workdir needs PyTorch")
     from distill.checkpoint import file_sha256, save_checkpoint
     from distill.data import write_parallel
-    from distill.model import ModelConfig, Transformer
+    from distill.model import EOS_ID, ModelConfig, Transformer
     from distill.synthetic import generate_pairs
     from distill.vocab import Vocab, train_sentencepiece
     from export.convert import convert_checkpoint
@@ -62,6 +90,7 @@ def tiny_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         write_parallel(splits[split], root / "data" / f"{split}.src", root / "data" / f"{split}.tgt")
     corpus = [text for pair in splits["train"] for text in pair]
     vocab = Vocab(train_sentencepiece(corpus, root / "vocab" / "spm.model", TINY_VOCAB_SIZE))
+    examples = [(vocab.encode(src) + [EOS_ID], vocab.encode(tgt)) for src, tgt in splits["train"]]
 
     teacher_sha = None
     for index, (name, (architecture, method)) in enumerate(TINY_MODELS.items()):
@@ -72,7 +101,9 @@ def tiny_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if teacher_sha is not None:
             meta["teacher_sha256"] = teacher_sha
         checkpoint = root / "models" / name / "checkpoint_best.pt"
-        save_checkpoint(checkpoint, Transformer(config).eval(), vocab, meta)
+        model = Transformer(config)
+        _warm_up(model, examples, TINY_WARM_UP_STEPS)
+        save_checkpoint(checkpoint, model, vocab, meta)
         if name == "teacher":
             teacher_sha = file_sha256(checkpoint)
         for quantization in TINY_QUANTIZATIONS:

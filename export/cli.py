@@ -1,0 +1,96 @@
+"""``wdserve export CKPT OUT``: checkpoint to CTranslate2 directories, optionally verified.
+
+Heavy imports (PyTorch, CTranslate2) happen inside ``run_export`` so ``wdserve --help``
+stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+QUANTIZATION_CHOICES = ("int8", "int8_float16", "float16", "bfloat16", "float32")  # = convert.QUANTIZATIONS
+
+
+def configure_export(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path,
+                        help="a wdserve checkpoint (e.g. models/student/checkpoint_best.pt)")
+    parser.add_argument("out", type=Path,
+                        help="output directory; with several quantizations, OUT/<name>-<quantization>/ each")
+    parser.add_argument("--quantization", "-q", nargs="+", default=["float32"], choices=QUANTIZATION_CHOICES,
+                        metavar="Q",
+                        help=f"one or more of {', '.join(QUANTIZATION_CHOICES)} (default: float32)")
+    parser.add_argument("--name", help="model name (default: the checkpoint's meta name, else its file stem)")
+    parser.add_argument("--force", action="store_true", help="replace existing non-empty output directories")
+    parser.add_argument("--verify", action="store_true",
+                        help="compare each export with the PyTorch checkpoint (needs --verify-src)")
+    parser.add_argument("--verify-src", type=Path, metavar="FILE",
+                        help="source sentences for --verify, one per line")
+    parser.add_argument("--verify-n", type=int, default=100, metavar="N",
+                        help="use the first N lines of --verify-src (default: 100)")
+    parser.add_argument("--device", default="cpu", help="device for --verify (cpu or cuda)")
+    parser.add_argument("--report", type=Path, metavar="FILE", help="write the verification result as JSON")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    if args.verify and args.verify_src is None:
+        print("error: --verify needs --verify-src FILE (source sentences, one per line)", file=sys.stderr)
+        return 2
+    if args.verify_n < 1:
+        print("error: --verify-n must be at least 1", file=sys.stderr)
+        return 2
+
+    from export.convert import ExportError, export_all
+
+    try:
+        dirs = export_all(args.checkpoint, args.out, args.quantization, name=args.name, force=args.force)
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for quantization, path in dirs.items():
+        print(f"{quantization:>12}  {path}")
+    if not args.verify:
+        return 0
+
+    from export.verify import verify_export
+
+    try:
+        lines = args.verify_src.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        print(f"error: cannot read --verify-src: {err}", file=sys.stderr)
+        return 2
+    sentences = [line for line in lines if line.strip()][: args.verify_n]
+    if not sentences:
+        print(f"error: {args.verify_src} has no non-empty lines", file=sys.stderr)
+        return 2
+    try:
+        result = verify_export(args.checkpoint, dirs, sentences, device=args.device)
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(format_verification(result))
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 1 if result["float32_parity"] is False else 0
+
+
+def format_verification(result: dict) -> str:
+    """A short table: one row per exported variant."""
+    header = f"{'variant':<14}{'status':<22}{'greedy identical':>18}{'max |dlogp|':>14}{'BLEU vs fp32':>14}"
+    rows = [f"verified on {result['sentences']} sentences ({result['device']})", header]
+    for label, entry in result["variants"].items():
+        if entry["status"] != "ok":
+            rows.append(f"{label:<14}{entry['status']:<22}")
+            continue
+        identical = f"{entry['identical_sentences']}/{result['sentences']}"
+        bleu = entry.get("bleu_vs_float32")
+        rows.append(f"{label:<14}{'ok':<22}{identical:>18}{entry['max_logprob_diff']:>14.2e}"
+                    f"{'-' if bleu is None else f'{bleu:.2f}':>14}")
+    parity = result["float32_parity"]
+    if parity is not None:
+        rows.append(f"float32 parity (identical tokens, |dlogp| < {result['float32_tolerance']:g}): "
+                    + ("PASS" if parity else "FAIL"))
+    return "\n".join(rows)

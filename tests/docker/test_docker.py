@@ -335,6 +335,16 @@ def test_pipeline_server_and_bench_share_one_run_directory(
     assert mount_covers(services["bench"], run)["source"] == pipeline_mount["source"]
 
 
+def test_bench_runs_without_pytorch_on_the_pipeline_test_set(compose: dict[str, Any]) -> None:
+    """The loadtest image installs .[loadtest] only, so the bench must not ask for the PyTorch baseline."""
+    bench = compose["services"]["bench"]
+    args = wdserve_parser().parse_args(service_argv(bench))
+    assert args.pytorch is False
+    assert args.url.startswith("http://balancer:")
+    # plain `locust -f loadtest/locustfile.py` in the same container reads the pipeline's test set
+    assert env_of(bench)["WDSERVE_SENTENCES"] == f"{args.workdir}/data/test.src"
+
+
 def test_multi30k_data_is_mounted_read_only_where_the_pipeline_looks() -> None:
     pipeline = load_compose(COMPOSE, COMPOSE_MULTI30K, env=MULTI30K_ENV)["services"]["pipeline"]
     data_dir = env_of(pipeline)["WDSERVE_DATA_DIR"]

@@ -1,0 +1,183 @@
+"""The same sentences without HTTP: direct CTranslate2 and the PyTorch teacher, and their quality.
+
+These are the two reference points of the report: direct CTranslate2 is what the
+server could do at best (server efficiency = HTTP throughput / direct throughput),
+and the PyTorch teacher is what a user would get without export and students.
+Tokens are counted as in the locustfile: whitespace-separated words of the output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("wdserve.bench")
+
+EXPORT_METADATA = "model.json"
+EXPORT_VOCAB = "sentencepiece.model"
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """One CTranslate2 directory of DIR/export, described by its model.json."""
+
+    path: Path
+    name: str  # the checkpoint's model name: teacher, student, student-kd
+    quantization: str
+    method: str
+    source_lang: str
+    target_lang: str
+    parameters: int | None
+
+    @property
+    def dir_name(self) -> str:
+        return self.path.name
+
+
+def discover_exports(workdir: Path) -> list[ExportInfo]:
+    """Every exported model under ``workdir/export``, teacher first, then by name and quantization."""
+    root = Path(workdir) / "export"
+    exports = []
+    for meta_path in sorted(root.glob(f"*/{EXPORT_METADATA}")):
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            exports.append(ExportInfo(
+                path=meta_path.parent, name=meta["name"], quantization=meta["quantization"],
+                method=meta.get("method", "unknown"), source_lang=meta["source_lang"],
+                target_lang=meta["target_lang"], parameters=meta.get("parameters"),
+            ))
+        except (ValueError, KeyError) as err:
+            raise SystemExit(f"{meta_path}: not a wdserve export description ({err!r})") from err
+    if not exports:
+        raise SystemExit(f"no CTranslate2 exports under {root} (no */{EXPORT_METADATA}); "
+                         "run `wdserve pipeline` or `wdserve export` first")
+    return sorted(exports, key=lambda e: (e.name != "teacher", e.name, e.quantization))
+
+
+def word_count(texts: list[str]) -> int:
+    return sum(len(text.split()) for text in texts)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))  # ceil(n * q / 100), at least 1
+    return ordered[int(rank) - 1]
+
+
+def score(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """Corpus BLEU and chrF (sacreBLEU defaults) of detokenized text."""
+    import sacrebleu
+
+    return {
+        "bleu": round(sacrebleu.corpus_bleu(hypotheses, [references]).score, 2),
+        "chrf": round(sacrebleu.corpus_chrf(hypotheses, [references]).score, 2),
+    }
+
+
+class DirectTranslator:
+    """CTranslate2 + SentencePiece, called the way the server calls them, minus HTTP."""
+
+    def __init__(self, export: ExportInfo, threads: int = 0) -> None:
+        import ctranslate2
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(export.path / EXPORT_VOCAB))
+        self.translator = ctranslate2.Translator(str(export.path), device="cpu", intra_threads=threads)
+
+    def translate(self, sentences: list[str], beam_size: int, max_length: int, batch_size: int) -> list[str]:
+        pieces = [self.sp.encode(sentence, out_type=str) for sentence in sentences]
+        results = self.translator.translate_batch(
+            pieces, beam_size=beam_size, max_decoding_length=max_length, max_batch_size=batch_size
+        )
+        return [self.sp.decode(result.hypotheses[0]) for result in results]
+
+
+def measure_direct(
+    export: ExportInfo,
+    sentences: list[str],
+    references: list[str],
+    beam_size: int,
+    max_length: int,
+    batch_size: int = 32,
+    latency_sentences: int = 50,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """Batched throughput and one-sentence latency of ``export`` over ``sentences``, plus BLEU/chrF."""
+    translator = DirectTranslator(export, threads=threads)
+    translator.translate(sentences[:2], beam_size, max_length, batch_size)  # warm-up: first-call costs
+    started = time.perf_counter()
+    outputs = translator.translate(sentences, beam_size, max_length, batch_size)
+    seconds = time.perf_counter() - started
+    latencies = []
+    for sentence in sentences[:latency_sentences]:
+        one = time.perf_counter()
+        translator.translate([sentence], beam_size, max_length, 1)
+        latencies.append((time.perf_counter() - one) * 1000)
+    tokens = word_count(outputs)
+    return {
+        "export": export.dir_name,
+        "name": export.name,
+        "method": export.method,
+        "quantization": export.quantization,
+        "parameters": export.parameters,
+        "sentences": len(sentences),
+        "batch_size": batch_size,
+        "seconds": round(seconds, 4),
+        "sentences_per_s": round(len(sentences) / seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 3),
+        "tokens": tokens,
+        "latency_sentences": len(latencies),
+        "p50_ms": round(percentile(latencies, 50), 3),
+        "p95_ms": round(percentile(latencies, 95), 3),
+        "p99_ms": round(percentile(latencies, 99), 3),
+        "mean_ms": round(statistics.fmean(latencies), 3),
+        **score(outputs, references),
+    }
+
+
+def measure_pytorch_teacher(
+    checkpoint: Path, sentences: list[str], references: list[str], beam_size: int, threads: int = 0
+) -> dict[str, Any]:
+    """The teacher checkpoint decoded by ``distill.decode.translate`` on CPU, or a note saying why not.
+
+    Its length limit is distill.decode's own (a function of the source length), not --max-length.
+    """
+    try:
+        import torch
+
+        from distill.checkpoint import load_model
+        from distill.decode import translate
+    except ImportError as err:
+        note = f"PyTorch baseline skipped: {err} (install wdserve[train] to measure it)"
+        log.warning(note)
+        return {"skipped": note}
+    if not Path(checkpoint).is_file():
+        note = f"PyTorch baseline skipped: teacher checkpoint {checkpoint} not found"
+        log.warning(note)
+        return {"skipped": note}
+    if threads > 0:
+        torch.set_num_threads(threads)
+    model, vocab, _ = load_model(checkpoint, "cpu")
+    with torch.inference_mode():
+        translate(model, vocab, sentences[:2], beam_size=beam_size)  # warm-up
+        started = time.perf_counter()
+        outputs = translate(model, vocab, sentences, beam_size=beam_size)
+        seconds = time.perf_counter() - started
+    tokens = word_count(outputs)
+    return {
+        "checkpoint": str(checkpoint),
+        "sentences": len(sentences),
+        "beam_size": beam_size,
+        "torch_threads": torch.get_num_threads(),
+        "seconds": round(seconds, 4),
+        "sentences_per_s": round(len(sentences) / seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 3),
+        "tokens": tokens,
+        **score(outputs, references),
+    }

@@ -33,6 +33,16 @@ MULTI30K_ENV = {
     "WDSERVE_RUN": "m30k",
     "MULTI30K_DIR": "/srv/multi30k",
 }
+# (compose files, variables) of each documented way to start the stack
+VARIANTS = pytest.mark.parametrize(
+    "files, env",
+    [
+        ((COMPOSE,), {}),
+        ((COMPOSE, COMPOSE_GPU), {}),
+        ((COMPOSE, COMPOSE_MULTI30K, COMPOSE_GPU), MULTI30K_ENV),
+    ],
+    ids=["default", "gpu", "multi30k-gpu"],
+)
 
 
 # ---------------------------------------------------------------- helpers
@@ -289,15 +299,7 @@ def test_compose_config_with_docker_cli() -> None:
 
 
 # ---------------------------------------------------------------- commands are real CLI invocations
-@pytest.mark.parametrize(
-    "files, env",
-    [
-        ((COMPOSE,), {}),
-        ((COMPOSE, COMPOSE_GPU), {}),
-        ((COMPOSE, COMPOSE_MULTI30K, COMPOSE_GPU), MULTI30K_ENV),
-    ],
-    ids=["default", "gpu", "multi30k-gpu"],
-)
+@VARIANTS
 def test_commands_parse_with_wdserve_cli(files: tuple[Path, ...], env: dict[str, str]) -> None:
     config = load_compose(*files, env=env)
     parser = wdserve_parser()
@@ -424,11 +426,13 @@ def test_server_image_exposes_the_served_port(compose: dict[str, Any], stages: d
     assert f"WDSERVE_PORT={port}" in env_lines and "WDSERVE_HOST=0.0.0.0" in env_lines
 
 
-@pytest.mark.parametrize("files", [(COMPOSE,), (COMPOSE, COMPOSE_GPU)], ids=["cpu", "gpu"])
-def test_server_environment_is_valid_serve_settings(files: tuple[Path, ...]) -> None:
+@VARIANTS
+def test_server_environment_is_valid_serve_settings(files: tuple[Path, ...], env: dict[str, str]) -> None:
     from server.settings import ServeSettings
 
-    environment = env_of(load_compose(*files)["services"]["server"])
+    services = load_compose(*files, env=env)["services"]
+    server = services["server"]
+    environment = env_of(server)
     fields = set(ServeSettings.model_fields)
     for key in environment:
         assert key.startswith("WDSERVE_") and key.removeprefix("WDSERVE_").lower() in fields, key
@@ -437,6 +441,14 @@ def test_server_environment_is_valid_serve_settings(files: tuple[Path, ...]) -> 
     })
     assert settings.host == "0.0.0.0"
     assert settings.port == 8000
+    # the default and compared models are models the pipeline config in the same run trains
+    config_path = REPO / service_argv(services["pipeline"])[1]
+    pipeline_config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    trained = {"teacher"} | {student["name"] for student in pipeline_config.get("students", [])}
+    assert {settings.default_model, *settings.compare_models} <= trained
+    # compose waits for in-flight requests before it kills a replica
+    grace = re.fullmatch(r"(\d+)s", server["stop_grace_period"])
+    assert grace and int(grace.group(1)) > settings.graceful_timeout_s
 
 
 # ---------------------------------------------------------------- health checks point at real routes

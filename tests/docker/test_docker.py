@@ -15,6 +15,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -307,6 +308,37 @@ def test_commands_parse_with_wdserve_cli(files: tuple[Path, ...], env: dict[str,
         argv = service_argv(config["services"][name])
         args = parser.parse_args(argv)  # argparse exits (SystemExit) on an unknown flag
         assert args.command == argv[0]
+
+
+# distributions each image leaves out (pyproject extras it does not install), as import names
+NOT_INSTALLED = {
+    "serve": ["torch", "sacrebleu", "tqdm", "locust", "matplotlib"],
+    "loadtest": ["torch", "tqdm"],
+}
+
+
+@pytest.mark.parametrize("service, target, module", [("server", "serve", "server.app"),
+                                                      ("bench", "loadtest", "loadtest.bench")])
+def test_commands_run_without_the_extras_the_image_lacks(
+    compose: dict[str, Any], service: str, target: str, module: str
+) -> None:
+    """`wdserve` builds its parser from every subcommand module, so none may import PyTorch at top level,
+    or the torch-free serving and load-test images could not even parse `wdserve serve`."""
+    assert compose["services"][service]["build"]["target"] == target
+    argv = service_argv(compose["services"][service])
+    script = (
+        "import sys\n"
+        f"for name in {NOT_INSTALLED[target]!r}: sys.modules[name] = None  # import raises ImportError\n"
+        "from wdserve.cli import build_parser\n"
+        f"args = build_parser().parse_args({argv!r})\n"
+        f"import {module}\n"
+        "print(args.command)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == argv[0]
 
 
 @pytest.mark.parametrize(

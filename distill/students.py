@@ -1,0 +1,187 @@
+"""Student architectures and the one entry point that trains a student by any method.
+
+Reference students follow the weight distillation paper's released code, relative to the teacher
+(for the paper's 6+6 transformer-base teacher these are exactly its students):
+
+- ``stu1``: the teacher's encoder (layers, width, heads, FFN); one decoder layer at half the
+  teacher's decoder width, half its heads (same head width) and half its FFN
+  (512/8/2048 -> 256/4/1024). Encoder and decoder widths differ, so embeddings are not shared.
+- ``stu2``: the teacher's encoder; two decoder layers at the teacher's decoder width, heads, FFN.
+
+``train_student`` methods (``options`` keys in brackets; all TrainConfig dicts accept every
+``distill.train.TrainConfig`` field):
+
+- ``seqkd``: plain training from scratch, on whatever pairs it is given (the pipeline gives it
+  the teacher's translations, which makes it the sequence-level KD baseline). [train, word_kd]
+- ``kd``: word-level KD from scratch. [train, word_kd = {alpha: 0.5, temperature: 1.0}]
+- ``wd``: weight distillation: phase 1 trains the generator (``out_dir/phase1``), its best
+  student is folded into plain weights, phase 2 fine-tunes them (``out_dir/phase2``).
+  [phase1, phase2 (default: train), word_kd (phase 2 only)]
+- ``ws`` / ``gated-ws``: weight squeezing / gated weight squeezing through the same generator;
+  phase 2 runs only when ``phase2`` is given. [phase1, phase2, word_kd (phase 2 only)]
+- ``ckd``: combinatorial intermediate-layer KD from scratch.
+  [train, ckd = {mapping: regular|overlap|skip|cross, alpha: 0.5, beta: 0.1, temperature: 1.0}]
+
+Every run goes through ``distill.train.train``: rerunning resumes, and a finished phase is not
+trained again. The final student is always ``out_dir/checkpoint_best.pt``, an ordinary checkpoint
+whose meta carries ``method`` and ``teacher_sha256``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from distill.model import ModelConfig
+
+log = logging.getLogger(__name__)
+
+PRESETS = ("stu1", "stu2")
+METHODS = ("kd", "seqkd", "wd", "ws", "gated-ws", "ckd")
+PHASED = ("wd", "ws", "gated-ws")
+OPTION_KEYS = ("seed", "train", "phase1", "phase2", "word_kd", "ckd")
+DEFAULT_WORD_KD = {"alpha": 0.5, "temperature": 1.0}
+DEFAULT_CKD = {"mapping": "regular", "alpha": 0.5, "beta": 0.1, "temperature": 1.0}
+
+
+def preset_fields(teacher: ModelConfig, preset: str) -> dict[str, Any]:
+    """Architecture fields of a reference student, relative to ``teacher`` (module docstring)."""
+    encoder = {"enc_layers": teacher.enc_layers, "enc_dim": teacher.enc_dim, "enc_heads": teacher.enc_heads,
+               "enc_ffn": teacher.enc_ffn}
+    if preset == "stu1":
+        heads = max(1, teacher.dec_heads // 2)
+        return {**encoder, "dec_layers": 1, "dec_dim": teacher.dec_dim // 2, "dec_heads": heads,
+                "dec_ffn": teacher.dec_ffn // 2}
+    if preset == "stu2":
+        return {**encoder, "dec_layers": 2, "dec_dim": teacher.dec_dim, "dec_heads": teacher.dec_heads,
+                "dec_ffn": teacher.dec_ffn}
+    raise ValueError(f"unknown student preset {preset!r}; expected one of {PRESETS}")
+
+
+def student_config(
+    teacher_config: ModelConfig,
+    preset: str | dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> ModelConfig:
+    """The teacher's config changed by a preset (``"stu1"``/``"stu2"``) and/or a dict of fields.
+
+    ``preset`` may itself be the overrides dict. Anything not given stays the teacher's (vocabulary,
+    norms, activation, dropout, positions). ``share_embeddings`` turns off by itself when the
+    widths differ, unless the overrides ask for it explicitly.
+    """
+    if isinstance(preset, dict):
+        preset, overrides = None, {**preset, **(overrides or {})}
+    overrides = dict(overrides or {})
+    values = teacher_config.to_dict()
+    if preset is not None:
+        values.update(preset_fields(teacher_config, preset))
+    if overrides.get("vocab_size", values["vocab_size"]) != values["vocab_size"]:
+        raise ValueError(f"a student shares the teacher's vocabulary: vocab_size must stay "
+                         f"{values['vocab_size']}, got {overrides['vocab_size']}")
+    values.update(overrides)
+    if values["enc_dim"] != values["dec_dim"] and "share_embeddings" not in overrides:
+        values["share_embeddings"] = False
+    return ModelConfig.from_dict(values)
+
+
+def train_student(
+    teacher_checkpoint: Path,
+    name: str,
+    method: str,
+    student_cfg: ModelConfig,
+    train_pairs: list[tuple[str, str]],
+    valid_pairs: list[tuple[str, str]],
+    out_dir: Path,
+    options: dict[str, Any] | None = None,
+    device: str = "cpu",
+) -> Path:
+    """Trains student ``name`` by ``method`` and returns ``out_dir/checkpoint_best.pt`` (module doc)."""
+    import torch
+
+    from distill.checkpoint import file_sha256, load_model
+    from distill.kd import frozen
+    from distill.train import TrainConfig, encode_pairs
+
+    if method not in METHODS:
+        raise ValueError(f"unknown distillation method {method!r}; expected one of {METHODS}")
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(OPTION_KEYS))
+    if unknown:
+        raise ValueError(f"student {name}: unknown options {unknown}; known: {list(OPTION_KEYS)}")
+    out_dir = Path(out_dir)
+    seed = int(options.get("seed", 1))
+
+    def train_config(key: str, fallback: str | None = None) -> TrainConfig:
+        values = options.get(key, options.get(fallback, {}) if fallback else {})
+        return TrainConfig.from_dict({"seed": seed, **(values or {})})
+
+    teacher, vocab, state = load_model(teacher_checkpoint, device)
+    frozen(teacher)
+    teacher_meta = state.get("meta", {})
+    meta = {"name": name, "method": method, "teacher_sha256": file_sha256(teacher_checkpoint),
+            "source_lang": teacher_meta.get("source_lang"), "target_lang": teacher_meta.get("target_lang"),
+            "teacher_name": teacher_meta.get("name")}
+    examples = encode_pairs(vocab, train_pairs)
+    log.info("student %s: %s from %s, %d training pairs, architecture %s", name, method, teacher_checkpoint,
+             len(examples), student_cfg.to_dict())
+    torch.manual_seed(seed)
+
+    if method in PHASED:
+        return _train_phased(teacher, vocab, examples, valid_pairs, student_cfg, method, out_dir, meta,
+                             options, train_config, device)
+    from distill.model import Transformer
+    from distill.train import train
+
+    cfg = train_config("train")
+    if method == "ckd":
+        from distill.ckd import CKDLoss, CKDStudent, ckd_groups, student_of
+
+        ckd = {**DEFAULT_CKD, **options.get("ckd", {})}
+        groups = ckd_groups(teacher.config.enc_layers, student_cfg.enc_layers, ckd.pop("mapping"))
+        module = CKDStudent(Transformer(student_cfg), teacher.config.enc_dim, groups).to(device)
+        loss_fn = CKDLoss(teacher, label_smoothing=cfg.label_smoothing, **ckd)
+        result = train(module, vocab, examples, valid_pairs, cfg, out_dir, {**meta, "ckd_groups": groups},
+                       loss_fn=loss_fn, student_of=student_of)
+    else:
+        word_kd = options.get("word_kd", DEFAULT_WORD_KD if method == "kd" else None)
+        model = Transformer(student_cfg).to(device)
+        result = train(model, vocab, examples, valid_pairs, cfg, out_dir, meta,
+                       loss_fn=_word_kd_loss(teacher, word_kd, cfg))
+    return result.best_path
+
+
+def _word_kd_loss(teacher, word_kd: dict[str, Any] | None, cfg):
+    """A ``WordKDLoss`` for ``word_kd = {alpha, temperature}``, or None (the trainer's default loss)."""
+    if not word_kd:
+        return None
+    from distill.kd import WordKDLoss
+
+    return WordKDLoss(teacher, label_smoothing=cfg.label_smoothing, **{**DEFAULT_WORD_KD, **word_kd})
+
+
+def _train_phased(teacher, vocab, examples, valid_pairs, student_cfg, method, out_dir, meta, options,
+                  train_config, device) -> Path:
+    """Phase 1 trains the generator; its best student, folded, is fine-tuned in phase 2 (if any)."""
+    from distill.checkpoint import atomic_write, load_model
+    from distill.train import train
+    from distill.wd import WeightGenerator, live_student
+
+    generator = WeightGenerator(teacher, student_cfg, mode=method).to(device)
+    phase1 = train(generator, vocab, examples, valid_pairs, train_config("phase1", "train"),
+                   out_dir / "phase1", {**meta, "phase": 1}, student_of=live_student)
+    final = phase1.best_path
+    del generator
+    if method == "wd" or "phase2" in options:
+        cfg = train_config("phase2", "train")
+        student, _, _ = load_model(phase1.best_path, device)  # the folded generator: plain weights
+        student.train()
+        log.info("%s: phase 2 fine-tunes the folded student of %s (dev BLEU %.2f)", meta["name"],
+                 phase1.best_path, phase1.best_bleu)
+        phase2 = train(student, vocab, examples, valid_pairs, cfg, out_dir / "phase2", {**meta, "phase": 2},
+                       loss_fn=_word_kd_loss(teacher, options.get("word_kd"), cfg))
+        final = phase2.best_path
+    best = out_dir / "checkpoint_best.pt"
+    atomic_write(best, lambda handle: handle.write(final.read_bytes()))
+    log.info("%s: final student %s (copied from %s)", meta["name"], best, final)
+    return best

@@ -1,0 +1,254 @@
+"""Weight distillation (Lin et al., ACL 2021): a parameter generator maps teacher weights to student weights.
+
+Layers. A side (encoder or decoder) with ``L_t`` teacher layers and ``L_s`` student layers needs
+``k = L_t / L_s`` to be a whole number; student layer ``i`` (0-based) reads teacher layers
+``[k*i, k*(i+1))``.
+
+Matrices (q, k, v, attention output, cross-attention, both FFN matrices). From the stack of the k
+teacher matrices ``T_1..T_k`` (torch layout ``(out, in)``)::
+
+    W' = sum_l c_l * P_out^T T_l P_in        c = Lambda w
+    W_s = A * tanh(W') + B                    (A, B element-wise, the student's shape)
+
+``P_out`` is ``(teacher_out, student_out)`` and ``P_in`` ``(teacher_in, student_in)``, so ``W'`` has the
+student's ``(out, in)`` shape. Init as in the authors' code: ``P``, ``Lambda`` Xavier-normal, ``w = 1/k``,
+``A = 1``, ``B = 0``. Two choices of ours, both only about where the formula degenerates:
+
+- a projection is used only on an axis whose widths differ (a square ``P`` would only scramble a basis
+  the student already shares with the teacher); the embedding rule below says the same;
+- with ``k = 1`` the sum has one term and ``c`` is dropped (the projections absorb a scalar).
+
+So a tensor whose shape equals the teacher's with ``k = 1`` (an encoder kept at the teacher's size) is
+``W_s = A * tanh(W_t) + B``: with ``A = 1, B = 0`` the student starts from ``tanh(W_t)``, not ``W_t``.
+That is the authors' choice and is kept deliberately (phase 1 learns ``A`` and ``B``).
+
+Biases and LayerNorm gamma/beta take the same form without ``P_in``:
+``b_s = A * tanh(sum_l c_l P_out^T b_l) + B``.
+
+Embeddings: ``E_s[x] = A[x] * tanh(E_t[x] P) + B[x]`` (``P`` omitted where widths agree). An untied
+student output projection is generated the same way from the teacher's output projection ``E_out``
+(the teacher's decoder table when the teacher ties them). Tied and shared tables are generated once:
+the generator follows the student's ``share_embeddings`` / ``tie_output``.
+
+Training. Phase 1 trains only the generator (``P``, ``Lambda``, ``w``, ``A``, ``B``) through the
+student's forward pass: ``torch.func.functional_call`` runs a student ``Transformer`` skeleton with the
+generated tensors. Teacher tensors are non-persistent buffers (never trained, never saved in resume
+checkpoints). ``fold()`` then evaluates the generator once into an ordinary ``Transformer`` that phase 2
+fine-tunes and export converts.
+
+The same machinery serves Weight Squeezing (``mode="ws"``, ``"gated-ws"``; see ``distill.ws``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from distill.model import ModelConfig, Transformer
+
+MODES = ("wd", "ws", "gated-ws")
+
+_LAYER_NAME = re.compile(r"^(encoder|decoder)\.layers\.(\d+)\.(.+)$")
+
+
+def layer_groups(teacher_layers: int, student_layers: int, side: str) -> list[list[int]]:
+    """Teacher layers (0-based) read by each student layer: ``[k*i, k*(i+1))`` with ``k = L_t / L_s``."""
+    if student_layers < 1 or teacher_layers % student_layers:
+        divisors = [d for d in range(1, teacher_layers + 1) if teacher_layers % d == 0]
+        raise ValueError(
+            f"the teacher's {side} has {teacher_layers} layers and the student's {student_layers}: "
+            f"weight distillation maps k = teacher/student teacher layers onto each student layer, so the "
+            f"teacher's layer count must be a multiple of the student's; use {side} layers in {divisors}"
+        )
+    k = teacher_layers // student_layers
+    return [list(range(k * i, k * (i + 1))) for i in range(student_layers)]
+
+
+def is_table(name: str) -> bool:
+    """Vocabulary-sized tensors: rows are tokens and are never mixed, only their width is mapped."""
+    return name.endswith("embedding.tokens.weight") or name == "decoder.output_proj.weight"
+
+
+def teacher_sources(name: str, groups: dict[str, list[list[int]]]) -> list[str]:
+    """Teacher parameter names whose stack generates student parameter ``name``."""
+    match = _LAYER_NAME.match(name)
+    if match is None:  # embeddings, output projection, final norms: one teacher tensor of the same name
+        return [name]
+    side, index, rest = match.group(1), int(match.group(2)), match.group(3)
+    return [f"{side}.layers.{j}.{rest}" for j in groups[side][index]]
+
+
+class TensorGenerator(nn.Module):
+    """Generates one student tensor from a stack of teacher tensors ``(k, *teacher_shape)``.
+
+    ``mode="wd"``: ``A * tanh(sum_l c_l P_out^T T_l P_in) + B`` (module docstring).
+    ``mode="ws"``: ``P_out^T T P_in`` (= ``L W_t R``), k must be 1.
+    ``mode="gated-ws"``: ``sigmoid(G) * W_own + (1 - sigmoid(G)) * P_out^T T P_in``.
+    """
+
+    def __init__(
+        self,
+        teacher: torch.Tensor,
+        student_shape: tuple[int, ...],
+        mode: str = "wd",
+        table: bool = False,
+        own: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown generator mode {mode!r}; expected one of {MODES}")
+        k, teacher_shape = teacher.size(0), tuple(teacher.shape[1:])
+        if len(teacher_shape) != len(student_shape):
+            raise ValueError(f"teacher {teacher_shape} and student {student_shape} tensors differ in rank")
+        if mode != "wd" and k != 1:
+            raise ValueError(f"weight squeezing maps one teacher tensor per student tensor, got {k}")
+        self.mode = mode
+        self.register_buffer("teacher", teacher.detach().clone(), persistent=False)  # frozen, (k, *t_shape)
+
+        # Rows of a table are tokens: only the width (axis 1) is mapped.
+        axes = [1] if table else list(range(len(student_shape)))
+        self.proj = nn.ParameterDict()
+        for axis in axes:
+            t_dim, s_dim = teacher_shape[axis], student_shape[axis]
+            if t_dim != s_dim:
+                self.proj[str(axis)] = nn.Parameter(nn.init.xavier_normal_(torch.empty(t_dim, s_dim)))
+            elif mode != "wd":  # squeezing has no A, B: an identity map keeps the tensor trainable
+                self.proj[str(axis)] = nn.Parameter(torch.eye(t_dim))
+        if mode == "wd" and k > 1:
+            self.mix = nn.Parameter(nn.init.xavier_normal_(torch.empty(k, k)))  # Lambda
+            self.w = nn.Parameter(torch.full((k,), 1.0 / k))
+        else:
+            self.mix = self.w = None
+        if mode == "wd":
+            self.scale = nn.Parameter(torch.ones(student_shape))  # A
+            self.shift = nn.Parameter(torch.zeros(student_shape))  # B
+        if mode == "gated-ws":
+            if own is None or tuple(own.shape) != tuple(student_shape):
+                raise ValueError("gated weight squeezing needs the student's own initial tensor")
+            self.own = nn.Parameter(own.detach().clone())
+            self.gate = nn.Parameter(torch.zeros(student_shape))  # G: sigmoid(0) = 0.5 mixes evenly
+
+    def mapped(self) -> torch.Tensor:
+        """``sum_l c_l P_out^T T_l P_in`` (or the single teacher tensor mapped)."""
+        if self.mix is not None:
+            c = self.mix @ self.w  # (k,)
+            x = torch.tensordot(c, self.teacher, dims=1)  # (*t_shape)
+        else:
+            x = self.teacher[0]
+        for axis, p in self.proj.items():
+            # Contract the teacher width on `axis` with P (t_dim, s_dim); put the student width back in place.
+            x = torch.movedim(torch.tensordot(x, p, dims=([int(axis)], [0])), -1, int(axis))
+        return x
+
+    def forward(self) -> torch.Tensor:
+        x = self.mapped()
+        if self.mode == "wd":
+            return self.scale * torch.tanh(x) + self.shift
+        if self.mode == "ws":
+            return x
+        gate = torch.sigmoid(self.gate)
+        return gate * self.own + (1 - gate) * x
+
+
+class WeightGenerator(nn.Module):
+    """A student ``Transformer`` whose every parameter is generated from a frozen teacher.
+
+    ``forward(src, tgt_in)`` is the student's forward pass with generated weights; ``fold()`` returns
+    the plain student. ``ws_layer`` picks, for squeezing modes, which teacher layer of each group of k
+    feeds a student layer (default ``-1``: the last, whose output the next group reads).
+
+    ``self.student`` is kept equal to ``fold()``: whenever it is used on its own (its encoder or decoder
+    called outside the generator's forward, or its state dict read) and the generator's parameters
+    changed since the last time, the generated weights are copied into it. So it is what
+    ``distill.train.train`` evaluates and saves (``student_of=live_student``), while only the
+    generator trains.
+    """
+
+    def __init__(
+        self, teacher: Transformer, student_cfg: ModelConfig, mode: str = "wd", ws_layer: int = -1
+    ) -> None:
+        super().__init__()
+        tcfg = teacher.config
+        if mode not in MODES:
+            raise ValueError(f"unknown generator mode {mode!r}; expected one of {MODES}")
+        if student_cfg.vocab_size != tcfg.vocab_size:
+            raise ValueError(
+                f"student vocab_size {student_cfg.vocab_size} differs from the teacher's {tcfg.vocab_size}; "
+                "a generated student shares the teacher's vocabulary"
+            )
+        if student_cfg.pre_norm != tcfg.pre_norm:
+            raise ValueError("student and teacher must agree on pre_norm (their LayerNorms map one to one)")
+        self.mode = mode
+        self.student_config = student_cfg
+        groups = {
+            "encoder": layer_groups(tcfg.enc_layers, student_cfg.enc_layers, "encoder"),
+            "decoder": layer_groups(tcfg.dec_layers, student_cfg.dec_layers, "decoder"),
+        }
+        # The skeleton supplies modules, buffers and train/eval mode; its own parameters are never used.
+        self.student = Transformer(student_cfg)
+        self.student.requires_grad_(False)
+        teacher_params = dict(teacher.named_parameters(remove_duplicate=False))
+        self.names: list[str] = []
+        self.generators = nn.ModuleDict()
+        for name, param in self.student.named_parameters():  # distinct tensors: ties appear once
+            sources = teacher_sources(name, groups)
+            if mode != "wd":
+                sources = [sources[ws_layer]]
+            stack = torch.stack([teacher_params[s].detach() for s in sources])
+            self.generators[name.replace(".", "__")] = TensorGenerator(
+                stack, tuple(param.shape), mode, table=is_table(name),
+                own=param if mode == "gated-ws" else None,
+            )
+            self.names.append(name)
+        self._generating = False
+        self._synced_versions: tuple[int, ...] | None = None
+        for part in (self.student.encoder, self.student.decoder):
+            part.register_forward_pre_hook(lambda module, args: self.sync_student())
+        self.student.register_state_dict_pre_hook(lambda module, prefix, keep_vars: self.sync_student())
+
+    def generate(self) -> dict[str, torch.Tensor]:
+        """Every distinct student tensor, keyed by its ``Transformer`` parameter name."""
+        return {name: self.generators[name.replace(".", "__")]() for name in self.names}
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        self._generating = True
+        try:
+            return functional_call(self.student, self.generate(), (src, tgt_in))
+        finally:
+            self._generating = False
+
+    @torch.no_grad()
+    def sync_student(self) -> None:
+        """Copies the generated weights into ``self.student`` if the generator changed since last time."""
+        if self._generating:
+            return
+        # Optimizer steps and load_state_dict update parameters in place, which bumps their versions.
+        versions = tuple(p._version for p in self.generators.parameters())
+        if versions == self._synced_versions:
+            return
+        weights = self.generate()
+        for name, param in self.student.named_parameters():
+            param.copy_(weights[name])
+        self._synced_versions = versions
+
+    @torch.no_grad()
+    def fold(self) -> Transformer:
+        """Evaluates the generator once into an ordinary student (same device, training mode)."""
+        weights = self.generate()
+        device = next(iter(weights.values())).device
+        model = Transformer(self.student_config).to(device)
+        for name, param in model.named_parameters():  # same construction order as the skeleton
+            param.copy_(weights[name])
+        return model
+
+
+def live_student(generator: WeightGenerator) -> Transformer:
+    """``student_of`` for ``distill.train.train``: the student kept equal to the generator's output."""
+    from distill.train import unwrap
+
+    generator = unwrap(generator)
+    generator.sync_student()
+    return generator.student

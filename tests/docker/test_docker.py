@@ -310,6 +310,15 @@ def test_commands_parse_with_wdserve_cli(files: tuple[Path, ...], env: dict[str,
         assert args.command == argv[0]
 
 
+@pytest.mark.parametrize("target", ["serve", "train", "loadtest"])
+def test_image_default_commands_parse(stages: dict[str, Any], target: str) -> None:
+    """`docker run wdserve-<target>` with no arguments runs the image's CMD through ENTRYPOINT wdserve."""
+    assert effective(stages, target, "ENTRYPOINT") == ['["wdserve"]']
+    argv = json.loads(effective(stages, target, "CMD")[-1])
+    args = wdserve_parser().parse_args(argv)
+    assert args.command == {"serve": "serve", "train": "pipeline", "loadtest": "bench"}[target]
+
+
 # distributions each image leaves out (pyproject extras it does not install), as import names
 NOT_INSTALLED = {
     "serve": ["torch", "sacrebleu", "tqdm", "locust", "matplotlib"],
@@ -516,7 +525,7 @@ def test_healthchecks_point_at_real_routes(compose: dict[str, Any], stages: dict
 
 
 # ---------------------------------------------------------------- GPU override
-def test_gpu_override_reserves_nvidia_device_for_pipeline_and_server() -> None:
+def test_gpu_override_reserves_nvidia_device_for_pipeline_and_server(stages: dict[str, Any]) -> None:
     services = load_compose(COMPOSE, COMPOSE_GPU)["services"]
     for name in ("pipeline", "server"):
         devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
@@ -527,6 +536,11 @@ def test_gpu_override_reserves_nvidia_device_for_pipeline_and_server() -> None:
     assert services["server"]["build"]["target"] == "serve"
     assert services["server"]["healthcheck"] and services["server"]["volumes"]
     assert "nvidia-cudnn-cu12" in services["server"]["build"]["args"]["GPU_LIBS"]
+    # ... which the serving image puts on the loader path of its own Python version
+    python = re.match(r"python:(\d+\.\d+)", build_arg_defaults()["PYTHON_IMAGE"]).group(1)
+    library_path = re.search(r"LD_LIBRARY_PATH=(\S+)", " ".join(effective(stages, "serve", "ENV"))).group(1)
+    for library in ("cublas", "cudnn"):
+        assert f"/opt/venv/lib/python{python}/site-packages/nvidia/{library}/lib" in library_path.split(":")
     assert "deploy" not in load_compose(COMPOSE)["services"]["server"]
 
 

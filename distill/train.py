@@ -283,13 +283,23 @@ def train(
             log.info("%s: finished run found at step %d (best dev BLEU %.2f); not training again",
                      out_dir, train_state["step"], train_state["best_bleu"])
             return _result(out_dir, train_state)
-    trainer = _Trainer(module, vocab, train_examples, valid_pairs, cfg, out_dir, meta,
-                       loss_fn or default_loss(cfg.label_smoothing), student_of or (lambda m: m),
-                       trainable_parameters)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0")) if world > 1 else 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
+    device = _resolve_device(cfg.device, module, local_rank)
+    owns_group = world > 1 and not dist.is_initialized()
+    if owns_group:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
+        trainer = _Trainer(module, vocab, train_examples, valid_pairs, cfg, out_dir, meta,
+                           loss_fn or default_loss(cfg.label_smoothing), student_of or (lambda m: m),
+                           trainable_parameters, device, world, rank)
         return trainer.run(state)
     finally:
-        trainer.close()
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _result(out_dir: Path, train_state: dict) -> TrainResult:
@@ -362,23 +372,13 @@ class _Trainer:
     """The state of one training run; ``run`` is the loop, the rest are its steps."""
 
     def __init__(self, module, vocab, examples, valid_pairs, cfg, out_dir, meta, loss_fn, student_of,
-                 trainable_parameters) -> None:
+                 trainable_parameters, device: torch.device, world: int, rank: int) -> None:
         self.cfg, self.vocab, self.out_dir, self.meta = cfg, vocab, Path(out_dir), dict(meta)
         self.loss_fn, self.student_of = loss_fn, student_of
         self.valid_sources = [src for src, _ in valid_pairs]
         self.valid_references = [tgt for _, tgt in valid_pairs]
 
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0")) if self.world > 1 else 0
-        local_rank = int(os.environ.get("LOCAL_RANK", "0")) if self.world > 1 else 0
-        self.device = _resolve_device(cfg.device, module, local_rank)
-        self.owns_group = False
-        if self.world > 1 and not dist.is_initialized():
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-            self.owns_group = True
-
+        self.device, self.world, self.rank = device, world, rank
         self.raw = module.to(self.device)
         student = student_of(self.raw)
         if not isinstance(student, Transformer):
@@ -393,7 +393,8 @@ class _Trainer:
         if not self.examples:
             raise ValueError("train: no training examples")
 
-        params = [p for p in (trainable_parameters or self.raw.parameters()) if p.requires_grad]
+        candidates = self.raw.parameters() if trainable_parameters is None else trainable_parameters
+        params = [p for p in candidates if p.requires_grad]
         if not params:
             raise ValueError("train: the module has no trainable parameters")
         self.params = params
@@ -421,10 +422,6 @@ class _Trainer:
                               device=self.device if self.device.type == "cuda" else "cpu")
         dist.broadcast(tensor, src=0)
         return int(tensor.item())
-
-    def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
 
     # -- resumption --------------------------------------------------------------------------------
     def restore(self, state: dict | None) -> None:
@@ -533,6 +530,7 @@ class _Trainer:
             self.window["tokens"] += batch.n_tokens
             self.window["sentences"] += batch.src.size(0)
             for key, value in stats.items():
+                value = value.detach() if isinstance(value, torch.Tensor) else value
                 self.window["stats"][key] = self.window["stats"].get(key, 0.0) + value
             self.eval_loss += loss
             self.eval_tokens += batch.n_tokens

@@ -267,8 +267,9 @@ def train(
     (floats or 0-dim tensors) are sums over the batch's target tokens too, logged per
     token. Each update divides the summed loss by the target tokens it covers.
     ``student_of(module)`` is the Transformer evaluated on ``valid_pairs`` and saved
-    (default: ``module``). When ``out_dir`` holds a finished run, nothing trains and
-    its result is returned.
+    (default: ``module``). The loop calls ``module.train()``, so a frozen teacher that
+    must keep dropout off belongs in the loss function, not inside ``module``. When
+    ``out_dir`` holds a finished run, nothing trains and its result is returned.
     """
     out_dir = Path(out_dir)
     if not valid_pairs:

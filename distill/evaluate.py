@@ -70,8 +70,12 @@ def evaluate_ctranslate2(
     device: str = "cpu",
     compute_type: str = "default",
     batch_size: int = 32,
+    max_decoding_length: int = 256,
 ) -> dict:
-    """Like ``evaluate_checkpoint``, for an exported directory (CTranslate2 files + sentencepiece.model)."""
+    """Like ``evaluate_checkpoint``, for an exported directory (CTranslate2 files + sentencepiece.model).
+
+    ``max_decoding_length`` is CTranslate2's own cap on output tokens (one for all sentences).
+    """
     import ctranslate2
     import sentencepiece as spm
 
@@ -88,7 +92,7 @@ def evaluate_ctranslate2(
     started = time.perf_counter()
     results = translator.translate_batch(
         [sp.encode(source, out_type=str) for source, _ in pairs],
-        beam_size=beam_size, max_batch_size=batch_size,
+        beam_size=beam_size, max_batch_size=batch_size, max_decoding_length=max_decoding_length,
     )
     hypotheses = [sp.decode(result.hypotheses[0]) for result in results]
     seconds = time.perf_counter() - started

@@ -17,9 +17,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "pipeline": ("wdserve.pipeline", "run every stage of a pipeline config (data to report)"),
     "data": ("distill.cli", "write a synthetic corpus, or download Multi30k"),
-    "train": ("distill.cli", "train a model on a parallel corpus"),
+    "train": ("distill.train_cli", "train a model on a parallel corpus"),
     "evaluate": ("distill.cli", "score a checkpoint or CTranslate2 model with sacreBLEU"),
-    "distill": ("distill.cli", "train one student from a teacher checkpoint"),
+    "distill": ("distill.distill_cli", "train one student from a teacher checkpoint"),
     "export": ("export.cli", "convert a checkpoint to CTranslate2 and verify it"),
     "serve": ("server.cli", "serve CTranslate2 models over HTTP"),
     "bench": ("loadtest.cli", "load-test teacher against students and write a report"),

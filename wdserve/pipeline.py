@@ -211,7 +211,9 @@ class Pipeline:
         vocab = self.vocab()
         torch.manual_seed(self.config.get("seed", 1))
         model = Transformer(ModelConfig(vocab_size=len(vocab), **section.get("model", {})))
-        train_cfg = TrainConfig(**{"seed": self.config.get("seed", 1), **section.get("train", {})})
+        train_cfg = TrainConfig.from_dict(
+            {"seed": self.config.get("seed", 1), "device": self.device, **section.get("train", {})}
+        )
         result = train(
             model.to(self.device),
             vocab,

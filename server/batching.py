@@ -1,0 +1,217 @@
+"""Per-model dynamic batching: many small requests become one translate_batch call.
+
+Each model has one :class:`Batcher`. Requests put their sentences into a bounded
+queue (counted in sentences) and await one future per sentence. A collector task
+takes the oldest sentence, waits at most ``max_wait_s`` for company, then takes
+every queued sentence with the same decoding options (beam size, max length) up to
+``max_batch_size`` sentences and ``max_batch_tokens`` padded source tokens, and runs
+the blocking CTranslate2 call in a shared thread pool. While one batch runs, the
+next one fills, so a burst of N single-sentence requests costs about N / batch size
+calls instead of N.
+
+Admission is all-or-nothing: a request whose sentences do not fit raises
+:class:`QueueFull` (HTTP 503) at once instead of letting the queue grow. A request
+larger than the whole queue is admitted only when the queue is empty, so it cannot
+starve. Sentences whose deadline passes while queued are dropped with
+:class:`DeadlineExceeded` (HTTP 504) and never reach the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+# (batch of source pieces, beam_size, max_length) -> (output text, output token count) per sentence
+TranslateFn = Callable[[list[list[str]], int, int], list[tuple[str, int]]]
+
+
+class QueueFull(Exception):
+    """The model's queue has no room; retry after ``retry_after_s`` seconds."""
+
+    def __init__(self, model: str, retry_after_s: int):
+        super().__init__(f"model {model!r} is overloaded (queue full); retry in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(Exception):
+    """A request waited longer than its deadline."""
+
+
+@dataclass
+class SentenceResult:
+    text: str
+    queued_s: float  # from submission to the start of its batch
+    compute_s: float  # duration of its batch
+    output_tokens: int
+
+
+@dataclass
+class _Item:
+    pieces: list[str]
+    key: tuple[int, int]  # (beam_size, max_length): only equal keys share a batch
+    deadline: float
+    future: asyncio.Future = field(repr=False)
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class BatchStats:
+    """What one translate_batch call did; handed to the observer (metrics)."""
+
+    model: str
+    size: int
+    padded_tokens: int
+    output_tokens: int
+    seconds: float
+
+
+class Batcher:
+    def __init__(self, model: str, translate: TranslateFn, executor: Executor, *, max_batch_size: int = 32,
+                 max_batch_tokens: int = 4096, max_wait_s: float = 0.005, queue_size: int = 256,
+                 on_batch: Callable[[BatchStats], None] | None = None,
+                 on_queue: Callable[[str, int], None] | None = None):
+        self.model = model
+        self._translate = translate
+        self._executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_s
+        self.queue_size = queue_size
+        self._on_batch = on_batch or (lambda stats: None)
+        self._on_queue = on_queue or (lambda model, depth: None)
+        self._queue: deque[_Item] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._last_batch_s = 0.05
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.model}")
+
+    async def stop(self) -> None:
+        """Cancels the collector and fails whatever is still queued (nothing, after a graceful drain)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while self._queue:
+            item = self._queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(QueueFull(self.model, 1))
+        self._on_queue(self.model, 0)
+
+    def retry_after(self) -> int:
+        """Seconds until the current queue is likely drained (at least 1)."""
+        batches = math.ceil(self.depth / self.max_batch_size)
+        return max(1, math.ceil(batches * self._last_batch_s))
+
+    async def translate(self, batch: list[list[str]], beam_size: int, max_length: int,
+                        timeout_s: float) -> list[SentenceResult]:
+        """Queues every sentence of one request and waits for all of them (or raises)."""
+        if not batch:
+            return []
+        if self.depth + len(batch) > self.queue_size and (self.depth or len(batch) <= self.queue_size):
+            raise QueueFull(self.model, self.retry_after())
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout_s
+        items = [_Item(pieces, (beam_size, max_length), deadline, loop.create_future()) for pieces in batch]
+        self._queue.extend(items)
+        self._on_queue(self.model, self.depth)
+        self._wakeup.set()
+        futures = [item.future for item in items]
+        try:
+            return await asyncio.wait_for(asyncio.gather(*futures), timeout=timeout_s)
+        except asyncio.TimeoutError as err:
+            raise DeadlineExceeded(
+                f"model {self.model!r} did not answer within {timeout_s:g} s") from err
+        finally:
+            for future in futures:  # a failed or timed-out request withdraws its other sentences
+                if not future.done():
+                    future.cancel()
+
+    def _take_batch(self) -> list[_Item]:
+        """Removes the next batch from the queue: oldest item's key, size and token budget respected."""
+        now = time.monotonic()
+        key = None
+        batch: list[_Item] = []
+        longest = 0
+        kept: deque[_Item] = deque()
+        while self._queue:
+            item = self._queue.popleft()
+            if item.future.done():  # cancelled by its request
+                continue
+            if item.deadline <= now:
+                item.future.set_exception(DeadlineExceeded(f"model {self.model!r}: deadline passed in queue"))
+                continue
+            if key is None:
+                key = item.key
+            new_longest = max(longest, len(item.pieces) + 1)
+            fits = (item.key == key and len(batch) < self.max_batch_size
+                    and (not batch or new_longest * (len(batch) + 1) <= self.max_batch_tokens))
+            if fits:
+                batch.append(item)
+                longest = new_longest
+            else:
+                kept.append(item)
+            if len(batch) >= self.max_batch_size:
+                break
+        kept.extend(self._queue)
+        self._queue = kept
+        self._on_queue(self.model, self.depth)
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            # let the batch fill up, but never hold the oldest sentence longer than max_wait_s
+            wait = self._queue[0].enqueued + self.max_wait_s - time.monotonic()
+            while wait > 0 and len(self._queue) < self.max_batch_size:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
+                except asyncio.TimeoutError:
+                    break
+                wait = self._queue[0].enqueued + self.max_wait_s - time.monotonic() if self._queue else 0
+            batch = self._take_batch()
+            if batch:
+                await self._run_batch(loop, batch)
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+        beam_size, max_length = batch[0].key
+        started = time.monotonic()
+        try:
+            outputs = await loop.run_in_executor(
+                self._executor, self._translate, [item.pieces for item in batch], beam_size, max_length)
+        except Exception as err:  # a model fault fails this batch's requests, not the server
+            log.exception("model %s: translate_batch failed for %d sentences", self.model, len(batch))
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(err)
+            return
+        seconds = time.monotonic() - started
+        self._last_batch_s = seconds
+        output_tokens = 0
+        for item, (text, tokens) in zip(batch, outputs, strict=True):
+            output_tokens += tokens
+            if not item.future.done():
+                item.future.set_result(SentenceResult(text, started - item.enqueued, seconds, tokens))
+        padded = len(batch) * max(len(item.pieces) + 1 for item in batch)
+        self._on_batch(BatchStats(self.model, len(batch), padded, output_tokens, seconds))

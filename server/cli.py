@@ -1,0 +1,79 @@
+"""``wdserve serve``: load models, then run uvicorn with graceful shutdown.
+
+Every setting of :class:`server.settings.ServeSettings` is a flag (``--max-batch-size``)
+and an environment variable (``WDSERVE_MAX_BATCH_SIZE``); a flag wins. Nothing heavy is
+imported at module level so ``wdserve --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger("wdserve.serve")
+
+# flags that take a different shape from their setting
+_SPECIAL = {"models", "api_keys", "compare_models"}
+
+
+def configure_serve(parser: argparse.ArgumentParser) -> None:
+    from server.settings import ServeSettings
+
+    parser.add_argument("--model", dest="models", action="append", metavar="NAME=PATH",
+                        help="serve a CTranslate2 directory under NAME (repeatable; env WDSERVE_MODELS)")
+    parser.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
+                        help="accept this API key; repeatable (env WDSERVE_API_KEYS, comma-separated)")
+    parser.add_argument("--compare-models", nargs=2, metavar=("A", "B"),
+                        help="models /translate/compare uses by default (env WDSERVE_COMPARE_MODELS)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="uvicorn log level")
+    for name, field in ServeSettings.model_fields.items():
+        if name in _SPECIAL:
+            continue
+        default = field.get_default(call_default_factory=True)
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
+            type=_flag_type(default), metavar=name.upper(),
+            help=f"{field.description} (env WDSERVE_{name.upper()}, default {default})")
+
+
+def _flag_type(default: object) -> type:
+    if isinstance(default, bool):
+        raise TypeError("boolean settings need an explicit flag")  # none today
+    return type(default) if isinstance(default, (int, float)) else str
+
+
+def settings_from_args(args: argparse.Namespace):  # -> ServeSettings
+    """Flags given on the command line override the environment; the rest comes from WDSERVE_* or defaults."""
+    from server.settings import ServeSettings, parse_model_specs
+
+    overrides = {name: getattr(args, name) for name in ServeSettings.model_fields if getattr(args, name, None)
+                 is not None}
+    if "models" in overrides:
+        overrides["models"] = parse_model_specs(overrides["models"])
+    return ServeSettings(**overrides)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from server.app import create_app, load_registry
+    from server.models import ModelLoadError
+
+    try:
+        settings = settings_from_args(args)
+    except (ValidationError, ValueError) as err:
+        print(f"wdserve serve: invalid settings: {err}", file=sys.stderr)
+        return 2
+    try:
+        registry = load_registry(settings)
+    except ModelLoadError as err:
+        print(f"wdserve serve: cannot start: {err}", file=sys.stderr)
+        return 1
+    log.info("models loaded; listening on http://%s:%d", settings.host, settings.port)
+    uvicorn.run(create_app(settings, registry), host=settings.host, port=settings.port,
+                log_level=args.log_level, timeout_graceful_shutdown=settings.graceful_timeout_s,
+                access_log=False)
+    return 0

@@ -1,0 +1,221 @@
+"""The work behind the routes, as plain functions: read and check a request, pick a model, translate.
+
+Every client mistake becomes an :class:`ApiError` with its HTTP status; the app
+turns it into ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import parse_qs
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from server.batching import Batcher, DeadlineExceeded, QueueFull
+from server.metrics import ServerMetrics
+from server.models import ModelRegistry, ServedModel
+from server.settings import ServeSettings
+from server.text import TextError, check_text, join_sentences, split_sentences
+
+log = logging.getLogger(__name__)
+
+RequestModel = TypeVar("RequestModel", bound=BaseModel)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+
+@dataclass
+class ServerState:
+    """Everything the routes need; built in the app's lifespan."""
+
+    settings: ServeSettings
+    registry: ModelRegistry
+    executor: ThreadPoolExecutor
+    metrics: ServerMetrics
+    batchers: dict[str, Batcher] = field(default_factory=dict)
+    ready: bool = False
+
+
+@dataclass
+class Translation:
+    model: str
+    texts: list[str]
+    total_ms: float
+    queue_ms: float
+    translate_ms: float
+
+    def timing(self) -> dict[str, float]:
+        return {"total_ms": round(self.total_ms, 3), "queue_ms": round(self.queue_ms, 3),
+                "translate_ms": round(self.translate_ms, 3)}
+
+
+# -- reading the request
+
+def max_body_bytes(settings: ServeSettings) -> int:
+    # worst case: every text at the limit, 4 UTF-8 bytes per character, JSON escaping x2, plus fields
+    return settings.max_texts * settings.max_chars * 8 + 64 * 1024
+
+
+async def read_body(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a dict: JSON object, or form-encoded fields (LibreTranslate accepts both)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body is {declared} bytes; the limit is {limit}")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise ApiError(413, f"request body is larger than the limit of {limit} bytes")
+    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    try:
+        text = bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ApiError(400, f"request body is not valid UTF-8 (byte {err.start})") from err
+    if content_type == "application/x-www-form-urlencoded":
+        fields = parse_qs(text, keep_blank_values=True)
+        # a repeated q is a list of texts; any other repeated field keeps its last value
+        return {key: values if key == "q" and len(values) > 1 else values[-1]
+                for key, values in fields.items()}
+    if content_type not in ("application/json", "") and not content_type.endswith("+json"):
+        raise ApiError(415, f"content type {content_type!r} is not supported; send application/json")
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ApiError(400, f"malformed JSON: {err.msg} at line {err.lineno} column {err.colno}") from err
+    if not isinstance(body, dict):
+        raise ApiError(422, f"the body must be a JSON object, not {type(body).__name__}")
+    return body
+
+
+def check_api_key(body: dict[str, Any], request: Request, settings: ServeSettings) -> None:
+    if not settings.api_keys:
+        return
+    key = body.get("api_key") or request.headers.get("x-api-key")
+    if not isinstance(key, str) or not any(secrets.compare_digest(key.encode(), ok.encode())
+                                           for ok in settings.api_keys):
+        raise ApiError(403, "invalid or missing API key (give api_key in the body or an X-API-Key header)")
+
+
+def parse(model: type[RequestModel], body: dict[str, Any]) -> RequestModel:
+    try:
+        return model.model_validate(body)
+    except ValidationError as err:
+        raise ApiError(422, describe_validation_errors(err.errors())) from err
+
+
+def describe_validation_errors(errors: list[Any]) -> str:
+    """pydantic/FastAPI error list -> one line, e.g. ``beam_size: Input should be a valid integer``."""
+    parts = []
+    for error in errors:
+        loc = ".".join(str(part) for part in error.get("loc", ()) if part not in ("body", "str", "list[str]"))
+        parts.append(f"{loc}: {error.get('msg')}" if loc else str(error.get("msg")))
+    return "; ".join(dict.fromkeys(parts))
+
+
+def check_texts(q: str | list[str], settings: ServeSettings) -> list[str]:
+    texts = [q] if isinstance(q, str) else q
+    if not texts:
+        raise ApiError(422, "q: the list is empty")
+    if len(texts) > settings.max_texts:
+        raise ApiError(422, f"q: {len(texts)} texts; at most {settings.max_texts} per request")
+    for index, text in enumerate(texts):
+        try:
+            check_text(text, settings.max_chars, "q" if isinstance(q, str) else f"q[{index}]")
+        except TextError as err:
+            raise ApiError(400, str(err)) from err
+    return texts
+
+
+def decoding_options(beam_size: int | None, max_length: int | None,
+                     settings: ServeSettings) -> tuple[int, int]:
+    beam = settings.default_beam_size if beam_size is None else beam_size
+    length = settings.default_max_length if max_length is None else max_length
+    if not 1 <= beam <= settings.max_beam_size:
+        raise ApiError(422, f"beam_size: {beam} is out of range 1..{settings.max_beam_size}")
+    if not 1 <= length <= settings.max_length_limit:
+        raise ApiError(422, f"max_length: {length} is out of range 1..{settings.max_length_limit}")
+    return beam, length
+
+
+def choose_model(registry: ModelRegistry, settings: ServeSettings, name: str | None,
+                 source: str, target: str | None) -> ServedModel:
+    """The named model, or the default one, or any served model for the requested pair."""
+    if name is not None:
+        served = registry.resolve(name)
+        if served is None:
+            raise ApiError(400, f"unknown model {name!r}; served: {', '.join(registry.names())}")
+        if not served.supports(source, target):
+            raise ApiError(400, f"model {served.name!r} translates {served.source_lang} -> "
+                                f"{served.target_lang}, not {source} -> {target}")
+        return served
+    default = registry.resolve(settings.default_model)
+    # after the default: models an alias points at (the preferred variants), then the rest
+    preferred = set(registry.aliases.values())
+    others = sorted(registry.models.values(), key=lambda m: (m.name not in preferred, m.name))
+    candidates = ([default] if default else []) + others
+    for served in candidates:
+        if served.supports(source, target):
+            return served
+    pairs = ", ".join(f"{s} -> {t}" for s, t in sorted(registry.pairs())) or "none"
+    raise ApiError(400, f"no served model translates {source} -> {target}; served pairs: {pairs}")
+
+
+# -- translating
+
+async def translate(state: ServerState, served: ServedModel, texts: list[str], beam_size: int,
+                    max_length: int) -> Translation:
+    """Splits every text into sentences, translates them all as one submission, joins them back."""
+    started = time.perf_counter()
+    splits = [split_sentences(text) for text in texts]
+    pieces = [served.encode(sentence) for segments, _ in splits for sentence in segments]
+    if served.max_positions:
+        # CTranslate2 fails a whole batch on a position past the model's table, so check per sentence
+        for sentence_pieces in pieces:
+            if len(sentence_pieces) + 1 > served.max_positions:
+                raise ApiError(400, f"a sentence has {len(sentence_pieces)} tokens; model {served.name!r} "
+                                    f"accepts at most {served.max_positions - 1} per sentence")
+        max_length = min(max_length, served.max_positions)
+    batcher = state.batchers[served.name]
+    try:
+        results = await batcher.translate(pieces, beam_size, max_length, state.settings.request_timeout_s)
+    except QueueFull as err:
+        raise ApiError(503, str(err), {"Retry-After": str(err.retry_after_s)}) from err
+    except DeadlineExceeded as err:
+        raise ApiError(504, str(err)) from err
+    except Exception as err:  # the model failed (logged by the batcher); the server goes on
+        raise ApiError(500, f"model {served.name!r} failed: {type(err).__name__}: {err}") from err
+    outputs = iter(result.text for result in results)
+    joined = [join_sentences([next(outputs) for _ in segments], separators)
+              for segments, separators in splits]
+    return Translation(
+        model=served.name,
+        texts=joined,
+        total_ms=(time.perf_counter() - started) * 1000,
+        queue_ms=max(result.queued_s for result in results) * 1000,
+        translate_ms=max(result.compute_s for result in results) * 1000,
+    )
+
+
+def start_batchers(state: ServerState) -> None:
+    settings = state.settings
+    for name, served in state.registry.models.items():
+        batcher = Batcher(
+            name, served.translate_texts, state.executor,
+            max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
+            max_wait_s=settings.max_wait_ms / 1000, queue_size=settings.queue_size,
+            on_batch=state.metrics.observe_batch, on_queue=state.metrics.observe_queue)
+        batcher.start()
+        state.batchers[name] = batcher

@@ -1,0 +1,131 @@
+"""Server settings: one object, filled from flags, ``WDSERVE_*`` environment variables or defaults.
+
+Precedence is flag > environment > default, so a container is configured with
+environment variables alone (``WDSERVE_WORKDIR=/run WDSERVE_API_KEYS=k1,k2``).
+List- and map-valued settings accept a comma-separated string in the environment
+(``WDSERVE_MODELS=teacher=/m/t,student=/m/s``) as well as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (cgroup/affinity aware where the OS tells us)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+class ServeSettings(BaseSettings):
+    """Every knob of ``wdserve serve``. Field descriptions double as ``--help`` text and README table."""
+
+    model_config = SettingsConfigDict(env_prefix="WDSERVE_", extra="forbid")
+
+    # -- what to serve
+    workdir: Path | None = Field(
+        None, description="pipeline run directory; serves every DIR/export/*/model.json")
+    models: Annotated[dict[str, Path], NoDecode] = Field(
+        default_factory=dict, description="extra models as NAME=PATH (CTranslate2 dirs), comma-separated")
+    default_model: str = Field("student", description="model used when a request names none")
+    compare_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["teacher", "student"],
+        description="the two models /translate/compare uses by default")
+    prefer_quantization: str = Field(
+        "int8", description="quantization the short alias (teacher, student) points at when several exist")
+
+    # -- network
+    host: str = Field("127.0.0.1", description="interface to bind (0.0.0.0 in a container)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="accepted API keys, comma-separated; empty = no key required")
+    graceful_timeout_s: float = Field(
+        30.0, gt=0, description="on SIGTERM, how long in-flight requests may take to finish")
+
+    # -- CTranslate2
+    device: str = Field("cpu", description="cpu, cuda or auto")
+    compute_type: str = Field("default", description="CTranslate2 compute type (default keeps the export's)")
+    intra_threads: int = Field(0, ge=0, description="threads per translate call; 0 = cores // inter_threads")
+    inter_threads: int = Field(
+        0, ge=0, description="translate calls running at once across all models; 0 = min(models, cores)")
+
+    # -- batching and queues
+    max_batch_size: int = Field(32, ge=1, description="most sentences in one translate_batch call")
+    max_batch_tokens: int = Field(
+        4096, ge=1, description="most padded source tokens (sentences x longest) in one call")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more sentences")
+    queue_size: int = Field(256, ge=1, description="sentences waiting per model before 503")
+    request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer gets 504")
+
+    # -- request limits
+    max_texts: int = Field(64, ge=1, description="most texts in one request (q as a list)")
+    max_chars: int = Field(5000, ge=1, description="most characters in one text")
+    default_beam_size: int = Field(2, ge=1, description="beam size when a request gives none")
+    max_beam_size: int = Field(8, ge=1, description="largest beam size a request may ask for")
+    default_max_length: int = Field(256, ge=1, description="output token limit when a request gives none")
+    max_length_limit: int = Field(512, ge=1, description="largest max_length a request may ask for")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _parse_models(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("{"):
+                return json.loads(value)
+            return parse_model_specs([part for part in value.split(",") if part.strip()])
+        return value
+
+    @field_validator("api_keys", "compare_models", mode="before")
+    @classmethod
+    def _parse_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                return json.loads(value)
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeSettings:
+        if len(self.compare_models) != 2:
+            raise ValueError(f"compare_models needs exactly two names, got {self.compare_models}")
+        if self.default_beam_size > self.max_beam_size:
+            raise ValueError("default_beam_size is larger than max_beam_size")
+        if self.default_max_length > self.max_length_limit:
+            raise ValueError("default_max_length is larger than max_length_limit")
+        return self
+
+    def thread_plan(self, n_models: int, cores: int | None = None) -> tuple[int, int]:
+        """Returns (inter_threads, intra_threads) so that inter x intra <= cores.
+
+        ``inter`` is the number of translate_batch calls that may run at the same
+        time across *all* loaded models (one shared worker pool); each call uses
+        ``intra`` threads. Idle models hold no running threads, so the cores are
+        never oversubscribed however many models are loaded. Explicit settings are
+        kept as given (the caller warns when they oversubscribe).
+        """
+        cores = cores or available_cores()
+        inter = self.inter_threads or max(1, min(n_models, cores))
+        intra = self.intra_threads or max(1, cores // inter)
+        return inter, intra
+
+
+def parse_model_specs(specs: list[str]) -> dict[str, Path]:
+    """``["teacher=/m/t", ...]`` -> ``{"teacher": Path("/m/t")}`` with a clear error for a bad item."""
+    models: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.strip().partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"model spec {spec!r} is not NAME=PATH")
+        if name.strip() in models:
+            raise ValueError(f"model name {name.strip()!r} given twice")
+        models[name.strip()] = Path(path.strip())
+    return models

@@ -1,0 +1,58 @@
+"""Helpers for the server tests (importable because conftest.py puts this folder on sys.path)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.app import create_app
+from server.models import ModelRegistry
+from server.settings import ServeSettings
+
+# A short sentence in the tiny fixture's source language; the fixture models answer it with garbage "yy".
+SENTENCE = "this book finds a tree"
+
+
+def settings_for(workdir: Path, **overrides: Any) -> ServeSettings:
+    """Settings isolated from the developer's WDSERVE_* environment, with small test limits."""
+    values: dict[str, Any] = {"workdir": workdir, "default_max_length": 24, "max_length_limit": 64,
+                              "max_beam_size": 4, "max_chars": 500, "max_texts": 8}
+    values.update(overrides)
+    return ServeSettings(**values)
+
+
+def run(coroutine: Coroutine) -> Any:
+    return asyncio.run(coroutine)
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: ServeSettings, registry: ModelRegistry | None = None
+                  ) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan (model loading, batchers) running, and a client talking to it in-process."""
+    app = create_app(settings, registry)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://wdserve", timeout=30) as client:
+            yield client
+
+
+def metric(text: str, sample: str, **labels: str) -> float:
+    """One sample's value (``wdserve_batch_size_count``, model=...) in Prometheus text; 0 if absent."""
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == sample and found.labels == labels:
+                return found.value
+    return 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

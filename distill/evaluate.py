@@ -7,6 +7,7 @@ number says exactly how it was computed.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -74,7 +75,9 @@ def evaluate_ctranslate2(
 ) -> dict:
     """Like ``evaluate_checkpoint``, for an exported directory (CTranslate2 files + sentencepiece.model).
 
-    ``max_decoding_length`` is CTranslate2's own cap on output tokens (one for all sentences).
+    ``max_decoding_length`` is CTranslate2's own cap on output tokens (one for all sentences);
+    it and the input length are lowered to the model's ``max_positions`` (from ``model.json``),
+    past which CTranslate2 has no position encodings.
     """
     import ctranslate2
     import sentencepiece as spm
@@ -86,6 +89,9 @@ def evaluate_ctranslate2(
                 f"{model_dir} is not an exported wdserve model: {required} is missing "
                 "(create one with `wdserve export`)"
             )
+    max_positions = _exported_max_positions(model_dir)
+    if max_positions is not None:
+        max_decoding_length = min(max_decoding_length, max_positions)
     pairs = read_parallel(src_path, ref_path)
     sp = spm.SentencePieceProcessor(model_file=str(model_dir / "sentencepiece.model"))
     translator = ctranslate2.Translator(str(model_dir), device=device, compute_type=compute_type)
@@ -93,10 +99,21 @@ def evaluate_ctranslate2(
     results = translator.translate_batch(
         [sp.encode(source, out_type=str) for source, _ in pairs],
         beam_size=beam_size, max_batch_size=batch_size, max_decoding_length=max_decoding_length,
+        max_input_length=max_positions or 1024,
     )
     hypotheses = [sp.decode(result.hypotheses[0]) for result in results]
     seconds = time.perf_counter() - started
     return _result(hypotheses, [r for _, r in pairs], beam_size, seconds)
+
+
+def _exported_max_positions(model_dir: Path) -> int | None:
+    metadata = model_dir / "model.json"
+    if not metadata.is_file():
+        return None
+    try:
+        return int(json.loads(metadata.read_text(encoding="utf-8"))["architecture"]["max_positions"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{metadata}: cannot read architecture.max_positions ({err})") from err
 
 
 def _result(hypotheses: list[str], references: list[str], beam_size: int, seconds: float) -> dict:

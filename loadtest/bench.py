@@ -37,6 +37,7 @@ log = logging.getLogger("wdserve.bench")
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 REGIMES = ("low", "saturation")
+SERVE_COMMAND = [sys.executable, "-m", "wdserve.cli", "serve"]  # `wdserve serve` of this interpreter
 
 
 @dataclass
@@ -164,8 +165,8 @@ def wait_ready(url: str, timeout: float, process: subprocess.Popen | None = None
 def running_server(workdir: Path, log_path: Path, timeout: float, extra_args: list[str]) -> Iterator[str]:
     """``wdserve serve`` on a free local port, yielding its URL; SIGTERM (then SIGKILL) on the way out."""
     port = free_port()
-    command = [sys.executable, "-m", "wdserve.cli", "serve", "--workdir", str(workdir),
-               "--host", "127.0.0.1", "--port", str(port), *extra_args]
+    command = [*SERVE_COMMAND, "--workdir", str(workdir), "--host", "127.0.0.1", "--port", str(port),
+               *extra_args]
     log.info("starting server: %s", " ".join(command))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8") as server_log:

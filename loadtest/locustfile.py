@@ -36,6 +36,8 @@ import random
 from pathlib import Path
 from typing import Any
 
+import gevent
+import locust.stats
 import requests
 from locust import HttpUser, constant, events, task
 from locust.exception import StopUser
@@ -103,6 +105,7 @@ def languages_from_models_listing(listing: Any, model: str) -> tuple[str, str] |
 
 @events.test_start.add_listener
 def resolve_languages(environment, **_kwargs) -> None:
+    TOKENS.clear()  # the web UI can run several tests in one process
     source, target = os.environ.get("WDSERVE_LOAD_SOURCE"), os.environ.get("WDSERVE_LOAD_TARGET")
     if source and target:
         LANGUAGES.update({model: (source, target) for model in MODELS})
@@ -127,6 +130,15 @@ def write_token_counts(environment, **_kwargs) -> None:
     prefix = getattr(environment.parsed_options, "csv_prefix", None)
     if prefix:
         Path(f"{prefix}_tokens.json").write_text(json.dumps(TOKENS, indent=2) + "\n", encoding="utf-8")
+
+
+@events.quitting.add_listener
+def give_csv_writer_a_last_turn(environment, **_kwargs) -> None:
+    # Locust rewrites *_stats.csv from a greenlet every CSV_STATS_INTERVAL_SEC and not again at exit,
+    # so the file can miss the run's last second (locust issues #1806, #2299). Users have stopped by
+    # now: one more turn of that greenlet writes the final numbers, the ones the HTML report shows.
+    if getattr(environment.parsed_options, "csv_prefix", None):
+        gevent.sleep(locust.stats.CSV_STATS_INTERVAL_SEC + 0.25)
 
 
 class TranslateUser(HttpUser):

@@ -62,8 +62,9 @@ def plot_throughput(report: dict[str, Any], path: Path) -> None:
             values = [p[key] for p in report["phases"] if p["model"] == model and p["regime"] == "saturation"]
             median = report["models"][model]["http"]["saturation"][key] or 0.0
             medians.append(median)
-            low_err.append(median - min(values, default=median))
-            high_err.append(max(values, default=median) - median)
+            # the summary median is rounded: clamp so that rounding never yields a negative whisker
+            low_err.append(max(0.0, median - min(values, default=median)))
+            high_err.append(max(0.0, max(values, default=median) - median))
         ax.bar(models, medians, yerr=[low_err, high_err], capsize=6, color=[colors[m] for m in models])
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)

@@ -10,6 +10,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from distill.distill_cli import configure_distill, run_distill
+from distill.train_cli import configure_train, run_train
+
+__all__ = [
+    "configure_data", "run_data", "configure_evaluate", "run_evaluate",
+    "configure_train", "run_train", "configure_distill", "run_distill",
+]
+
 
 def configure_data(parser: argparse.ArgumentParser) -> None:
     from distill.data import MULTI30K_URL

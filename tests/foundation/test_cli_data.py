@@ -1,6 +1,8 @@
 """``wdserve data`` and ``wdserve evaluate`` through the command-line entry point."""
 
 import gzip
+import subprocess
+import sys
 
 import pytest
 
@@ -86,3 +88,9 @@ def test_evaluate_names_a_missing_reference_file(wdserve_main, tiny_workdir, tmp
                         "--src", tiny_workdir / "data" / "test.src", "--ref", tmp_path / "nothere.tgt")
     assert code == 1
     assert "nothere.tgt" in capsys.readouterr().err
+
+
+def test_building_the_full_parser_imports_neither_torch_nor_ctranslate2():
+    code = ("import sys, wdserve.cli; wdserve.cli.build_parser(); "
+            "heavy = {'torch', 'ctranslate2'} & set(sys.modules); assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -1,0 +1,176 @@
+"""``wdserve serve`` as a real uvicorn process on a loopback port: routes, batching, overload, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from serve_helpers import SENTENCE, free_port, metric
+
+START_TIMEOUT_S = 60
+
+
+class ServerProcess:
+    def __init__(self, workdir: Path, *flags: str, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "wdserve.cli", "serve", "--workdir", str(workdir),
+                   "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", *flags]
+        self.process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if self.process.poll() is not None:
+                output = self.process.stdout.read()
+                raise AssertionError(f"server exited with {self.process.returncode}: {output}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"server not ready within {START_TIMEOUT_S} s")
+            time.sleep(0.2)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@pytest.fixture(scope="module")
+def server(tiny_workdir: Path) -> Iterator[ServerProcess]:
+    running = ServerProcess(tiny_workdir, "--max-wait-ms", "30", "--max-batch-size", "16",
+                            "--default-max-length", "24", "--max-length-limit", "64")
+    yield running
+    running.stop()
+
+
+def test_routes_over_http(server: ServerProcess) -> None:
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        assert client.get("/health").json() == {"status": "alive"}
+        assert client.get("/ready").status_code == 200
+        assert client.get("/languages").json()[0]["targets"] == ["yy"]
+        assert {m["name"] for m in client.get("/models").json()} >= {"teacher-int8", "student-float32"}
+        translated = client.post("/translate", json={"q": [SENTENCE], "source": "xx", "target": "yy"})
+        assert translated.status_code == 200 and len(translated.json()["translatedText"]) == 1
+        compared = client.post("/translate/compare", json={"q": SENTENCE})
+        assert [r["model"] for r in compared.json()["results"]] == ["teacher-int8", "student-int8"]
+        malformed = client.post("/translate", content=b'{"q": ', headers={"content-type": "application/json"})
+        assert malformed.status_code == 400 and "malformed JSON" in malformed.json()["error"]
+        bad_bytes = client.post("/translate", content=b'{"q": "\xff\xfe"}',
+                                headers={"content-type": "application/json"})
+        assert bad_bytes.status_code == 400 and "UTF-8" in bad_bytes.json()["error"]
+        assert client.get("/openapi.json").json()["info"]["title"] == "wdserve"
+        assert client.get("/health").status_code == 200
+
+
+def test_concurrent_burst_is_served_in_batches(server: ServerProcess) -> None:
+    body = {"q": SENTENCE, "model": "teacher-float32", "beam_size": 1, "max_length": 16}
+
+    async def burst() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as client:
+            return await asyncio.gather(*[client.post("/translate", json=body) for _ in range(48)])
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * 48
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    calls = metric(text, "wdserve_batch_size_count", model="teacher-float32")
+    single = metric(text, "wdserve_batch_size_bucket", model="teacher-float32", le="1.0")
+    assert metric(text, "wdserve_batch_size_sum", model="teacher-float32") == 48
+    print(f"48 concurrent requests -> {calls:g} translate_batch calls ({single:g} of size 1)")
+    assert calls < 48 and single < calls, "no batch larger than one sentence"
+
+
+def test_startup_fails_naming_a_missing_or_corrupt_model(tiny_workdir: Path, tmp_path: Path) -> None:
+    serve = [sys.executable, "-m", "wdserve.cli", "serve"]
+    missing = subprocess.run([*serve, "--model", f"ghost={tmp_path}/nope"], capture_output=True, text=True,
+                             timeout=60)
+    assert missing.returncode == 1 and "'ghost'" in missing.stderr and "does not exist" in missing.stderr
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_workdir / "export" / "student-int8", corrupt)
+    (corrupt / "model.bin").write_bytes((corrupt / "model.bin").read_bytes()[:100])
+    broken = subprocess.run([*serve, "--model", f"broken={corrupt}"], capture_output=True, text=True,
+                            timeout=60)
+    assert broken.returncode == 1 and "'broken'" in broken.stderr and str(corrupt) in broken.stderr
+
+
+def test_overload_gets_503_and_server_stays_healthy(tiny_workdir: Path) -> None:
+    # configured through the environment only, as a container would be
+    env = {"WDSERVE_QUEUE_SIZE": "4", "WDSERVE_MAX_BATCH_SIZE": "1", "WDSERVE_MAX_WAIT_MS": "0",
+           "WDSERVE_MAX_LENGTH_LIMIT": "64", "WDSERVE_DEFAULT_MAX_LENGTH": "24"}
+    running = ServerProcess(tiny_workdir, env=env)
+    body = {"q": " ".join(["This book finds a tree."] * 4), "model": "teacher-float32", "beam_size": 4,
+            "max_length": 64}
+
+    async def flood() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=running.url, timeout=60) as client:
+            return await asyncio.gather(*[client.post("/translate", json=body) for _ in range(16)])
+
+    try:
+        responses = asyncio.run(flood())
+        statuses = [r.status_code for r in responses]
+        assert set(statuses) <= {200, 503} and statuses.count(200) >= 1 and statuses.count(503) >= 1, statuses
+        rejected = next(r for r in responses if r.status_code == 503)
+        assert int(rejected.headers["retry-after"]) >= 1 and "error" in rejected.json()
+        assert httpx.get(f"{running.url}/health", timeout=10).status_code == 200
+        assert httpx.post(f"{running.url}/translate", json=body, timeout=30).status_code == 200
+        text = httpx.get(f"{running.url}/metrics", timeout=10).text
+        assert metric(text, "wdserve_errors_total", route="/translate", model="teacher-float32",
+                      status="503") == statuses.count(503)
+    finally:
+        running.stop()
+
+
+def test_sigterm_finishes_in_flight_requests(tiny_workdir: Path) -> None:
+    running = ServerProcess(tiny_workdir, "--max-batch-size", "1", "--max-wait-ms", "0",
+                            "--max-length-limit", "64", "--default-max-length", "24")
+    paragraph = " ".join(["This book finds a tree."] * 8)
+    body = {"q": [paragraph] * 4, "model": "teacher-float32", "beam_size": 4, "max_length": 64}
+    n_requests = 6
+
+    async def in_flight_then_sigterm() -> tuple[list[httpx.Response], Exception | None]:
+        async with httpx.AsyncClient(base_url=running.url, timeout=60) as client:
+            tasks = [asyncio.create_task(client.post("/translate", json=body)) for _ in range(n_requests)]
+            deadline = time.monotonic() + 20
+            while True:  # every request is inside the server (the metrics request itself counts one)
+                text = (await client.get("/metrics")).text
+                if metric(text, "wdserve_requests_in_progress") >= n_requests + 1:
+                    break
+                assert time.monotonic() < deadline, "requests never all reached the server"
+                await asyncio.sleep(0.02)
+            running.process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            refused = None
+            try:  # a new connection after SIGTERM must not be accepted
+                async with httpx.AsyncClient(timeout=2) as fresh:
+                    await fresh.get(f"{running.url}/health")
+            except httpx.TransportError as err:
+                refused = err
+            return list(await asyncio.gather(*tasks)), refused
+
+    try:
+        responses, refused = asyncio.run(in_flight_then_sigterm())
+        assert [r.status_code for r in responses] == [200] * n_requests
+        assert all(len(r.json()["translatedText"]) == 4 for r in responses)
+        assert refused is not None, "the server still accepted connections after SIGTERM"
+        assert running.process.wait(timeout=20) in (0, -signal.SIGTERM)
+    finally:
+        running.stop()

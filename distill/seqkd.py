@@ -139,20 +139,26 @@ def _translate_ct2(
     )
     # add_source_eos is set in the exported model: pass pieces only, cut to leave room for </s>.
     pieces = [sp.encode(s, out_type=str)[: max_positions - 1] for s in sources]
-    order = sorted(range(len(pieces)), key=lambda i: len(pieces[i]))
+    # One call per source length, so each sentence gets exactly distill.decode's length limit
+    # (CTranslate2's max_decoding_length applies to a whole call).
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(pieces):
+        by_length.setdefault(len(p), []).append(i)
     results: list[str] = [""] * len(pieces)
-    for start in range(0, len(order), CHUNK):
-        chunk = order[start : start + CHUNK]
-        longest = max(len(pieces[i]) for i in chunk) + 1
-        outputs = translator.translate_batch(
-            [pieces[i] for i in chunk],
-            beam_size=beam_size,
-            max_batch_size=batch_size,
-            max_decoding_length=min(max_positions, int(MAX_LEN_A * longest + MAX_LEN_B)),
-        )
-        for i, output in zip(chunk, outputs, strict=True):
-            results[i] = sp.decode_pieces(output.hypotheses[0])
-        _progress(start + len(chunk), len(order), started)
+    done = logged = 0
+    for length in sorted(by_length):
+        indices = by_length[length]
+        limit = min(max_positions, int(MAX_LEN_A * (length + 1) + MAX_LEN_B))  # + 1: the source's </s>
+        for start in range(0, len(indices), CHUNK):
+            chunk = indices[start : start + CHUNK]
+            outputs = translator.translate_batch([pieces[i] for i in chunk], beam_size=beam_size,
+                                                 max_batch_size=batch_size, max_decoding_length=limit)
+            for i, output in zip(chunk, outputs, strict=True):
+                results[i] = sp.decode_pieces(output.hypotheses[0])
+            done += len(chunk)
+            if done - logged >= CHUNK or done == len(pieces):
+                _progress(done, len(pieces), started)
+                logged = done
     return results
 
 

@@ -96,6 +96,7 @@ def check_text(text: str, max_chars: int, where: str = "q") -> None:
             raise TextError(f"{where} is not valid UTF-8 text (lone surrogate U+{code:04X} at {index})")
         if char in "\t\n\r":
             continue
-        category = unicodedata.category(char)
-        if category == "Cc" or (category == "Cn" and (code & 0xFFFE) == 0xFFFE):
+        if unicodedata.category(char) == "Cc":
             raise TextError(f"{where} contains control character U+{code:04X} at position {index}")
+        if (code & 0xFFFE) == 0xFFFE:  # U+FFFE, U+FFFF and their copies in every plane
+            raise TextError(f"{where} contains noncharacter U+{code:04X} at position {index}")

@@ -1,0 +1,124 @@
+"""server.batching.Batcher with a stand-in translate function (no model needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from server.batching import Batcher, BatchStats, DeadlineExceeded, QueueFull
+
+
+class FakeModel:
+    """Echoes its input, records every call; optionally slow."""
+
+    def __init__(self, delay_s: float = 0.0):
+        self.calls: list[tuple[int, int, int]] = []  # (batch size, beam, max length)
+        self.delay_s = delay_s
+        self.lock = threading.Lock()
+
+    def __call__(self, batch: list[list[str]], beam_size: int, max_length: int) -> list[tuple[str, int]]:
+        with self.lock:
+            self.calls.append((len(batch), beam_size, max_length))
+        time.sleep(self.delay_s)
+        return [(" ".join(pieces).upper(), len(pieces)) for pieces in batch]
+
+
+async def with_batcher(model: FakeModel, scenario, **options):
+    stats: list[BatchStats] = []
+    with ThreadPoolExecutor(1) as executor:
+        batcher = Batcher("fake", model, executor, on_batch=stats.append, **options)
+        batcher.start()
+        try:
+            return await scenario(batcher), stats
+        finally:
+            await batcher.stop()
+
+
+def test_concurrent_requests_share_calls_and_get_their_own_answers() -> None:
+    model = FakeModel()
+
+    async def scenario(batcher: Batcher):
+        return await asyncio.gather(*[batcher.translate([[f"w{i}"]], 1, 10, timeout_s=5) for i in range(20)])
+
+    results, stats = asyncio.run(with_batcher(model, scenario, max_batch_size=8, max_wait_s=0.05))
+    assert [r[0].text for r in results] == [f"W{i}" for i in range(20)]
+    assert [s.size for s in stats] == [8, 8, 4]
+    assert sum(s.output_tokens for s in stats) == 20
+
+
+def test_token_budget_and_decoding_options_split_batches() -> None:
+    model = FakeModel()
+
+    async def scenario(batcher: Batcher):
+        return await asyncio.gather(
+            batcher.translate([["a"] * 9, ["b"] * 9], 1, 10, timeout_s=5),  # 2 x (9 + </s>) = 20 tokens
+            batcher.translate([["c"]], 1, 10, timeout_s=5),  # would make 3 x 10 = 30 > 25
+            batcher.translate([["d"]], 4, 10, timeout_s=5),  # other beam size: never mixed in
+        )
+
+    results, _ = asyncio.run(with_batcher(model, scenario, max_batch_tokens=25, max_wait_s=0.05))
+    assert [len(r) for r in results] == [2, 1, 1]
+    assert sorted(model.calls) == [(1, 1, 10), (1, 4, 10), (2, 1, 10)]
+
+
+def test_full_queue_rejects_at_once() -> None:
+    model = FakeModel(delay_s=0.2)
+
+    async def scenario(batcher: Batcher):
+        first = asyncio.create_task(batcher.translate([["a"]], 1, 10, timeout_s=5))
+        await asyncio.sleep(0.05)  # "a" is running; the queue is empty again
+        second = asyncio.create_task(batcher.translate([["b"], ["c"]], 1, 10, timeout_s=5))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull) as rejected:
+            await batcher.translate([["d"]], 1, 10, timeout_s=5)
+        assert rejected.value.retry_after_s >= 1
+        return await first, await second
+
+    (first, second), _ = asyncio.run(with_batcher(model, scenario, queue_size=2, max_batch_size=1,
+                                                  max_wait_s=0))
+    assert first[0].text == "A" and [r.text for r in second] == ["B", "C"]
+
+
+def test_a_request_larger_than_the_queue_runs_when_the_queue_is_empty() -> None:
+    async def scenario(batcher: Batcher):
+        return await batcher.translate([["x"]] * 5, 1, 10, timeout_s=5)
+
+    results, _ = asyncio.run(with_batcher(FakeModel(), scenario, queue_size=2))
+    assert len(results) == 5
+
+
+def test_deadline_in_queue_fails_fast_and_never_reaches_the_model() -> None:
+    model = FakeModel(delay_s=0.3)
+
+    async def scenario(batcher: Batcher):
+        blocker = asyncio.create_task(batcher.translate([["slow"]], 1, 10, timeout_s=5))
+        await asyncio.sleep(0.05)
+        with pytest.raises(DeadlineExceeded):
+            await batcher.translate([["late"]], 1, 10, timeout_s=0.1)
+        await blocker
+        return None
+
+    asyncio.run(with_batcher(model, scenario, max_batch_size=1, max_wait_s=0))
+    assert model.calls == [(1, 1, 10)]  # the timed-out sentence was dropped, not translated
+
+
+def test_model_error_fails_only_its_batch() -> None:
+    calls = []
+
+    def flaky(batch, beam_size, max_length):
+        calls.append(batch)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return [("ok", 1) for _ in batch]
+
+    async def scenario(batcher: Batcher):
+        with pytest.raises(RuntimeError, match="boom"):
+            await batcher.translate([["a"]], 1, 10, timeout_s=5)
+        return await batcher.translate([["b"]], 1, 10, timeout_s=5)
+
+    results, _ = asyncio.run(with_batcher(flaky, scenario))
+    assert results[0].text == "ok"

@@ -1,0 +1,81 @@
+"""Settings from flags and WDSERVE_* variables; the thread rule; the serving install never imports torch."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from server.cli import configure_serve, settings_from_args
+from server.settings import ServeSettings
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    configure_serve(parser)
+    return parser.parse_args(argv)
+
+
+def test_environment_configures_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WDSERVE_MODELS", "teacher=/m/t, student=/m/s")
+    monkeypatch.setenv("WDSERVE_API_KEYS", "k1,k2")
+    monkeypatch.setenv("WDSERVE_COMPARE_MODELS", '["a", "b"]')
+    monkeypatch.setenv("WDSERVE_PORT", "9001")
+    monkeypatch.setenv("WDSERVE_MAX_WAIT_MS", "2.5")
+    settings = ServeSettings()
+    assert settings.models == {"teacher": Path("/m/t"), "student": Path("/m/s")}
+    assert settings.api_keys == ["k1", "k2"] and settings.compare_models == ["a", "b"]
+    assert settings.port == 9001 and settings.max_wait_ms == 2.5
+
+
+def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WDSERVE_PORT", "9001")
+    monkeypatch.setenv("WDSERVE_QUEUE_SIZE", "7")
+    argv = ["--port", "9002", "--model", "a=/x", "--model", "b=/y", "--api-key", "k",
+            "--compare-models", "a", "b", "--workdir", "/run"]
+    settings = settings_from_args(parse(argv))
+    assert settings.port == 9002 and settings.queue_size == 7  # flag wins; env fills the rest
+    assert settings.models == {"a": Path("/x"), "b": Path("/y")} and settings.api_keys == ["k"]
+    assert settings.workdir == Path("/run") and settings.compare_models == ["a", "b"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--model", "no-equals-sign"], "NAME=PATH"),
+    (["--model", "a=/x", "--model", "a=/y"], "given twice"),
+    (["--default-beam-size", "9"], "default_beam_size"),
+    (["--queue-size", "0"], "queue_size"),
+])
+def test_bad_settings_are_named(argv: list[str], message: str) -> None:
+    with pytest.raises((ValidationError, ValueError), match=message):
+        settings_from_args(parse(argv))
+
+
+@pytest.mark.parametrize(("models", "cores", "inter", "intra"), [
+    (1, 2, 1, 2), (6, 2, 2, 1), (2, 16, 2, 8), (3, 16, 3, 5), (1, 1, 1, 1),
+])
+def test_thread_plan_never_oversubscribes(models: int, cores: int, inter: int, intra: int) -> None:
+    assert ServeSettings().thread_plan(models, cores) == (inter, intra)
+    assert inter * intra <= cores
+
+
+def test_explicit_threads_are_kept() -> None:
+    assert ServeSettings(inter_threads=1, intra_threads=3).thread_plan(6, 2) == (1, 3)
+
+
+def test_server_modules_do_not_import_torch_or_distill() -> None:
+    code = (
+        "import sys\n"
+        "import server.app, server.cli, server.service, server.models, server.batching\n"
+        "from server.cli import configure_serve\n"
+        "import argparse; configure_serve(argparse.ArgumentParser())\n"
+        "server.app.create_app(server.settings.ServeSettings())\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'distill', 'export'))\n"
+        "assert not heavy, heavy\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

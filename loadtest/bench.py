@@ -57,6 +57,7 @@ class BenchOptions:
     max_sentences: int = 500
     threads: int = 0  # direct CTranslate2 / PyTorch threads (0: the libraries' default)
     direct_batch_size: int = 32
+    direct_seconds: float = 3.0  # repeat each direct batched run at least this long
     pytorch: bool = True
     server_timeout: float = 180.0
     server_args: list[str] = field(default_factory=list)
@@ -346,6 +347,7 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         direct[export.dir_name] = measure_direct(
             export, sentences, references, options.beam_size, options.max_length,
             batch_size=options.direct_batch_size, threads=options.threads,
+            min_seconds=options.direct_seconds,
         )
         d = direct[export.dir_name]
         log.info("direct CTranslate2 %s: %.1f sentences/s, %.1f tokens/s, p50 %.1f ms, BLEU %.2f, chrF %.2f",

@@ -63,12 +63,15 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
                              "(default 0: the libraries' default)")
     parser.add_argument("--direct-batch-size", type=_positive_int, default=32,
                         help="batch size of the direct CTranslate2 throughput run (default 32)")
+    parser.add_argument("--direct-seconds", type=float, default=3.0,
+                        help="repeat each direct CTranslate2 throughput run at least this long (default 3)")
     parser.add_argument("--no-pytorch", dest="pytorch", action="store_false",
                         help="skip the PyTorch teacher baseline")
     parser.add_argument("--server-timeout", type=_positive_float, default=180.0,
                         help="seconds to wait for /ready (default 180)")
     parser.add_argument("--server-arg", dest="server_args", action="append", default=[],
-                        help="extra argument for `wdserve serve` (repeatable, e.g. --server-arg=--threads=2)")
+                        help="extra argument for `wdserve serve` "
+                             "(repeatable, e.g. --server-arg=--max-batch-size=16)")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -80,7 +83,8 @@ def run_bench(args: argparse.Namespace) -> int:
         beam_size=args.beam_size, max_length=args.max_length, phases=args.phases, duration=args.duration,
         low_users=args.low_users, users=args.users, spawn_rate=args.spawn_rate,
         max_sentences=args.max_sentences, threads=args.threads, direct_batch_size=args.direct_batch_size,
-        pytorch=args.pytorch, server_timeout=args.server_timeout, server_args=args.server_args,
+        direct_seconds=args.direct_seconds, pytorch=args.pytorch, server_timeout=args.server_timeout,
+        server_args=args.server_args,
     )
     bench(options)
     return 0

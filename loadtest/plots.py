@@ -37,7 +37,7 @@ def plot_latency(report: dict[str, Any], path: Path) -> None:
             ax.plot([ms for ms, _ in points], [q for _, q in points], marker=".", alpha=0.8,
                     color=colors[phase["model"]], label=label)
         users = report["settings"]["low_users" if regime == "low" else "users"]
-        ax.set_title(f"{regime} ({users} users)")
+        ax.set_title(f"{regime} ({users} user{'s' if users > 1 else ''})")
         ax.set_xlabel("latency (ms)")
         ax.grid(alpha=0.3)
         if labelled:
@@ -89,15 +89,18 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
     """BLEU against direct CTranslate2 sentences/s for every export (and the PyTorch teacher)."""
     plt = _pyplot()
     points = [(name, d["sentences_per_s"], d["bleu"]) for name, d in report["direct"].items()]
+    family = {name: d["name"] for name, d in report["direct"].items()}  # teacher-int8 -> teacher
     pytorch = report["pytorch_teacher"]
     if "skipped" not in pytorch:
         points.append(("teacher (PyTorch)", pytorch["sentences_per_s"], pytorch["bleu"]))
+        family["teacher (PyTorch)"] = "teacher"
+    colors = _colors(sorted(set(family.values()), key=lambda n: (n != "teacher", n)))
     front = set(pareto_front(points))
     markers = {"int8": "s", "float32": "o"}
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for name, speed, bleu in points:
         quantization = report["direct"].get(name, {}).get("quantization")
-        ax.scatter(speed, bleu, s=70, marker=markers.get(quantization, "^"),
+        ax.scatter(speed, bleu, s=70, marker=markers.get(quantization, "^"), color=colors[family[name]],
                    edgecolors="black" if name in front else "none")
         ax.annotate(name, (speed, bleu), textcoords="offset points", xytext=(6, 4), fontsize=8)
     frontier = sorted((speed, bleu) for name, speed, bleu in points if name in front)
@@ -106,7 +109,8 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("direct CTranslate2 sentences/s (log scale)")
     ax.set_ylabel("BLEU")
-    ax.set_title("Quality against speed (square: int8, circle: float32, triangle: PyTorch)")
+    ax.set_title("Quality against speed (square: int8, circle: float32, triangle: PyTorch;\n"
+                 "outlined: on the Pareto front)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

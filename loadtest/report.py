@@ -148,7 +148,7 @@ def build_report(options: Any, models: list[str], served: dict[str, str], export
             _ratio(per_model[student]["http"]["saturation"]["requests_per_s"], pytorch_rate))
     settings = {key: getattr(options, key) for key in (
         "beam_size", "max_length", "phases", "duration", "low_users", "users", "spawn_rate", "max_sentences",
-        "threads", "direct_batch_size", "quantization")}
+        "threads", "direct_batch_size", "direct_seconds", "quantization")}
     return {
         "url": url,
         "workdir": str(options.workdir),
@@ -184,8 +184,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "# wdserve bench",
         "",
         f"{s['sentences']} test sentences, beam {s['beam_size']}, max length {s['max_length']}; "
-        f"{s['phases']} round(s) per regime of {s['duration']:g}s phases; low concurrency {s['low_users']} "
-        f"user(s), saturation {s['users']} users. Server: {report['url']}.",
+        f"{s['phases']} round(s) per regime of {s['duration']:g}s phases; low concurrency: {s['low_users']} "
+        f"user(s), saturation: {s['users']} users. Server: {report['url']}.",
         "",
         "## Over HTTP",
         "",

@@ -38,7 +38,7 @@ def bench(tiny_workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     out = tmp_path_factory.mktemp("bench")
     options = BenchOptions(
         workdir=tiny_workdir, out=out, duration=2, phases=1, low_users=1, users=2, max_sentences=12,
-        beam_size=1, max_length=16, threads=1, server_timeout=120,
+        beam_size=1, max_length=16, threads=1, direct_seconds=0.2, server_timeout=120,
     )
     return run_bench(options), out
 

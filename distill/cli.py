@@ -1,4 +1,4 @@
-"""``wdserve data``, ``wdserve evaluate`` (here) and ``wdserve train`` / ``wdserve distill`` (re-exported).
+"""``wdserve data`` and ``wdserve evaluate`` (``train`` and ``distill`` have their own modules).
 
 PyTorch and CTranslate2 are imported inside ``run_*`` so that building the
 command-line parser stays light.
@@ -9,14 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-from distill.distill_cli import configure_distill, run_distill
-from distill.train_cli import configure_train, run_train
-
-__all__ = [
-    "configure_data", "run_data", "configure_evaluate", "run_evaluate",
-    "configure_train", "run_train", "configure_distill", "run_distill",
-]
 
 
 def configure_data(parser: argparse.ArgumentParser) -> None:

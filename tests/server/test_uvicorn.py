@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from measure_batching import burst_seconds, direct_seconds
 from serve_helpers import SENTENCE, free_port, metric
 
 START_TIMEOUT_S = 60
@@ -80,22 +81,25 @@ def test_routes_over_http(server: ServerProcess) -> None:
         assert client.get("/health").status_code == 200
 
 
-def test_concurrent_burst_is_served_in_batches(server: ServerProcess) -> None:
-    body = {"q": SENTENCE, "model": "teacher-float32", "beam_size": 1, "max_length": 16}
+def test_concurrent_burst_is_served_in_batches(server: ServerProcess, tiny_workdir: Path) -> None:
+    lines = (tiny_workdir / "data" / "test.src").read_text(encoding="utf-8").splitlines()
+    sentences = [lines[i % len(lines)] for i in range(64)]
+    options = {"beam_size": 1, "max_length": 32}
 
-    async def burst() -> list[httpx.Response]:
-        limits = httpx.Limits(max_connections=64)
-        async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as client:
-            return await asyncio.gather(*[client.post("/translate", json=body) for _ in range(48)])
+    def batch_metrics() -> tuple[float, float, float]:
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        return tuple(metric(text, f"wdserve_batch_size_{sample}", model="teacher-float32", **labels)
+                     for sample, labels in (("count", {}), ("sum", {}), ("bucket", {"le": "1.0"})))
 
-    responses = asyncio.run(burst())
-    assert [r.status_code for r in responses] == [200] * 48
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    calls = metric(text, "wdserve_batch_size_count", model="teacher-float32")
-    single = metric(text, "wdserve_batch_size_bucket", model="teacher-float32", le="1.0")
-    assert metric(text, "wdserve_batch_size_sum", model="teacher-float32") == 48
-    print(f"48 concurrent requests -> {calls:g} translate_batch calls ({single:g} of size 1)")
-    assert calls < 48 and single < calls, "no batch larger than one sentence"
+    before = batch_metrics()
+    served_s = asyncio.run(burst_seconds(server.port, sentences, model="teacher-float32", **options))
+    calls, sentences_done, single = (after - start for after, start in zip(batch_metrics(), before, strict=True))
+    assert sentences_done == 16 + 64  # warm-up burst + measured burst
+    assert calls < 16 + 64 and single < calls, "no batch larger than one sentence"
+    direct_s = direct_seconds(tiny_workdir / "export" / "teacher-float32", sentences, **options)
+    print(f"\n64 concurrent requests: {calls:g} translate_batch calls ({single:g} of one sentence); "
+          f"{64 / served_s:.0f} sentences/s served vs {64 / direct_s:.0f}/s in one direct translate_batch "
+          f"({direct_s / served_s:.0%})")
 
 
 def test_startup_fails_naming_a_missing_or_corrupt_model(tiny_workdir: Path, tmp_path: Path) -> None:

@@ -48,7 +48,10 @@ def configure_pipeline(parser: argparse.ArgumentParser) -> None:
         "--data-dir", type=Path, default=None,
         help="directory of the corpus files (overrides data.dir and $WDSERVE_DATA_DIR)",
     )
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    parser.add_argument(
+        "--device", default=os.environ.get("WDSERVE_DEVICE"),
+        help="cpu, cuda or cuda:N (default: $WDSERVE_DEVICE, else cuda when present)",
+    )
 
 
 def run_pipeline(args: argparse.Namespace) -> int:

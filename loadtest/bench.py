@@ -27,7 +27,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ class BenchOptions:
     users: int = 16
     spawn_rate: float | None = None  # default: every user at once
     max_sentences: int = 500
-    threads: int = 0  # direct CTranslate2 / PyTorch threads (0: the libraries' default)
+    threads: int = 0  # direct CTranslate2 / PyTorch threads (0: what the server gives one model)
     direct_batch_size: int = 32
     direct_seconds: float = 3.0  # repeat each direct batched run at least this long
     pytorch: bool = True
@@ -85,6 +85,23 @@ def read_test_set(workdir: Path, limit: int) -> tuple[list[str], list[str]]:
         raise SystemExit(f"{src} has no sentences")
     pairs = pairs[:limit] if limit > 0 else pairs
     return [s for s, _ in pairs], [r for _, r in pairs]
+
+
+def available_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def server_threads_per_model(n_models: int, cores: int | None = None) -> int:
+    """Threads one translate call gets from a default ``wdserve serve`` of ``n_models`` models.
+
+    The server's default plan is cores // min(models, cores) (server/settings.py, thread_plan);
+    direct runs use the same, so that HTTP and direct numbers share the same compute per model.
+    """
+    cores = cores or available_cores()
+    return max(1, cores // max(1, min(n_models, cores)))
 
 
 def choose_models(exports: list[ExportInfo], requested: list[str] | None) -> list[str]:
@@ -334,13 +351,15 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
 
     exports = discover_exports(workdir)
     models = choose_models(exports, options.models)
+    options = replace(options, threads=options.threads or server_threads_per_model(len(exports)))
     sentences, references = read_test_set(workdir, options.max_sentences)
     sentences_path = out / "sentences.src"
     sentences_path.write_text("\n".join(sentences) + "\n", encoding="utf-8")
     teacher_export = next(e for e in exports if e.name == "teacher")
     languages = (teacher_export.source_lang, teacher_export.target_lang)
-    log.info("bench: %s against %s, %d sentences, beam %d, max length %d", models[0], ", ".join(models[1:]),
-             len(sentences), options.beam_size, options.max_length)
+    log.info("bench: %s against %s, %d sentences, beam %d, max length %d, %d thread(s) per direct run",
+             models[0], ", ".join(models[1:]), len(sentences), options.beam_size, options.max_length,
+             options.threads)
 
     direct = {}
     for export in exports:

@@ -59,8 +59,8 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-sentences", type=int, default=500,
                         help="first N test sentences (default 500; 0 = all)")
     parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads of the direct CTranslate2 and PyTorch runs "
-                             "(default 0: the libraries' default)")
+                        help="CPU threads of the direct CTranslate2 and PyTorch runs (default 0: what a "
+                             "default `wdserve serve` gives one model, cores // min(models, cores))")
     parser.add_argument("--direct-batch-size", type=_positive_int, default=32,
                         help="batch size of the direct CTranslate2 throughput run (default 32)")
     parser.add_argument("--direct-seconds", type=float, default=3.0,

@@ -29,7 +29,8 @@ DEFINITIONS = {
     "throughput_ratio": "student saturation requests/s / teacher's, same round (higher is better)",
     "p50_latency_ratio": "student low-concurrency p50 / teacher's, same round (lower is better)",
     "server_efficiency": "HTTP saturation requests/s / direct CTranslate2 sentences/s, same export",
-    "direct": "CTranslate2 translate_batch over the same sentences, no HTTP; p50 is one sentence at a time",
+    "direct": "CTranslate2 translate_batch over the same sentences, no HTTP, settings.threads threads; "
+              "p50 is one sentence at a time",
 }
 
 

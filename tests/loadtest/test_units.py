@@ -1,4 +1,4 @@
-"""The report's arithmetic and verdict, on hand-made numbers (no timing, no server)."""
+"""The bench's arithmetic, verdict and choices, on hand-made inputs (no timing, no server)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.bench import read_locust_stats, request_name
+from loadtest.baselines import ExportInfo
+from loadtest.bench import (
+    choose_models,
+    read_locust_stats,
+    request_name,
+    served_export,
+    server_threads_per_model,
+)
 from loadtest.plots import pareto_front
 from loadtest.report import classify_speedup, compare_to_teacher, spread, summarize_phases, verdict
 
@@ -99,3 +106,35 @@ def test_cli_rejects_non_positive_counts(value: str):
     configure_bench(parser)
     with pytest.raises(SystemExit):
         parser.parse_args(["--workdir", "w", "--users", value])
+
+
+def export(name: str, quantization: str) -> ExportInfo:
+    return ExportInfo(Path(f"/x/{name}-{quantization}"), name, quantization, "wd", "xx", "yy", 10)
+
+
+def test_models_default_to_every_export_teacher_first_and_need_the_teacher():
+    exports = [export(n, q) for n in ("student-kd", "teacher", "student") for q in ("int8", "float32")]
+    assert choose_models(exports, None) == ["teacher", "student", "student-kd"]
+    assert choose_models(exports, ["student", "teacher"]) == ["teacher", "student"]
+    with pytest.raises(SystemExit, match="must include teacher"):
+        choose_models(exports, ["student"])
+    with pytest.raises(SystemExit, match="not exported"):
+        choose_models(exports, ["teacher", "student-ws"])
+
+
+def test_served_export_follows_the_alias_in_the_models_listing():
+    listing = [  # the shape of the server's GET /models
+        {"name": "teacher-float32", "aliases": ["teacher-float32"], "source_lang": "xx", "target_lang": "yy"},
+        {"name": "teacher-int8", "aliases": ["teacher"], "source_lang": "xx", "target_lang": "yy"},
+    ]
+    dirs = ["teacher-float32", "teacher-int8"]
+    assert served_export(listing, "teacher", dirs) == "teacher-int8"
+    assert served_export(listing, "teacher-float32", dirs) == "teacher-float32"
+    assert served_export({"models": listing}, "teacher", dirs) == "teacher-int8"
+    assert served_export(listing, "student", dirs) is None
+
+
+def test_direct_threads_follow_the_servers_default_plan():
+    assert server_threads_per_model(6, cores=16) == 2
+    assert server_threads_per_model(6, cores=2) == 1
+    assert server_threads_per_model(1, cores=8) == 8

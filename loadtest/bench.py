@@ -337,7 +337,32 @@ def schedule(models: list[str], served: dict[str, str], options: BenchOptions) -
 
 
 def run_bench(options: BenchOptions) -> dict[str, Any]:
-    """Measures, writes OUT/report.json, OUT/report.md and plots, and returns the report."""
+    """Measures, writes OUT/report.json, OUT/report.md and plots, and returns the report.
+
+    SIGTERM (``docker stop``, a CI timeout) unwinds like Ctrl-C: the locust run and the
+    server started here are stopped on the way out, never left running.
+    """
+    with _sigterm_unwinds():
+        return _run_bench(options)
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    def unwind(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, unwind)
+    except ValueError:  # not the main thread: leave signals to whoever owns them
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_bench(options: BenchOptions) -> dict[str, Any]:
     from loadtest.plots import write_plots
     from loadtest.report import build_report, write_markdown
 

@@ -316,6 +316,7 @@ def _write_model_dir(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; a server running as another user must read it
         try:
             TransformerConverter(model, vocab).convert(str(tmp), quantization=quantization, force=True)
         except (ValueError, NotImplementedError) as err:

@@ -33,7 +33,7 @@ def free_port() -> int:
 
 
 def direct_seconds(model_dir: Path, sentences: list[str], beam_size: int, max_length: int,
-                   repeats: int = 3) -> float:
+                   repeats: int = 3, max_batch_size: int = 0) -> float:
     """Best-of-``repeats`` time of one translate_batch call over all sentences, threads as in the server."""
     import ctranslate2
     import sentencepiece as spm
@@ -48,7 +48,8 @@ def direct_seconds(model_dir: Path, sentences: list[str], beam_size: int, max_le
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
-        results = translator.translate_batch(batch, beam_size=beam_size, max_decoding_length=max_length)
+        results = translator.translate_batch(batch, beam_size=beam_size, max_decoding_length=max_length,
+                                             max_batch_size=max_batch_size)
         [tokenizer.decode_pieces(r.hypotheses[0]) for r in results]
         best = min(best, time.perf_counter() - started)
     return best
@@ -107,11 +108,14 @@ def measure(model_dir: Path, sentences: list[str], beam_size: int = 1, max_lengt
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
     direct = direct_seconds(model_dir, sentences, beam_size, max_length)
+    direct_32 = direct_seconds(model_dir, sentences, beam_size, max_length, max_batch_size=32)
     totals = {name: sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name))
               for name in ("wdserve_batch_size_count", "wdserve_batch_size_sum")}
     return {"sentences": len(sentences), "direct_s": direct, "server_s": served,
             "direct_sent_per_s": len(sentences) / direct, "server_sent_per_s": len(sentences) / served,
             "fraction": direct / served,
+            # the server's default max_batch_size is 32: the same call cut into the server's batch size
+            "direct_batch32_s": direct_32, "fraction_vs_batch32": direct_32 / served,
             "mean_batch_size": totals["wdserve_batch_size_sum"]
             / max(1.0, totals["wdserve_batch_size_count"]),
             "cores": os.cpu_count() or 0}

@@ -259,10 +259,7 @@ class Pipeline:
         except ImportError as err:  # a GPU training host may have PyTorch but not CTranslate2
             log.warning("CTranslate2 unavailable (%s): sequence-level KD uses PyTorch beam search", err)
             return None
-        out = self.export_dir("teacher", "float32")
-        if not (out / "model.json").is_file():
-            convert_checkpoint(self.checkpoint("teacher"), out, quantization="float32", name="teacher")
-        return out
+        return self.export("teacher", "float32", convert_checkpoint)
 
     def seqkd_pairs(self, with_bitext: bool) -> list[tuple[str, str]]:
         bitext = self.pairs("train")
@@ -307,15 +304,25 @@ class Pipeline:
         for name in self.model_names():
             dirs = {}
             for quantization in quantizations:
-                out = self.export_dir(name, quantization)
-                if not (out / "model.json").is_file():
-                    convert_checkpoint(self.checkpoint(name), out, quantization=quantization, name=name)
-                dirs[quantization] = out
+                dirs[quantization] = self.export(name, quantization, convert_checkpoint)
             entry = self.report["models"].setdefault(name, {})
             entry["exports"] = {q: str(p) for q, p in dirs.items()}
             entry["export_size_bytes"] = {q: _dir_size(p) for q, p in dirs.items()}
             entry["parity"] = verify_export(self.checkpoint(name), dirs, sources, device=self.device)
             self.write_report()
+
+    def export(self, name: str, quantization: str, convert_checkpoint) -> Path:
+        """The CTranslate2 dir of ``name``, converted again when its checkpoint has changed since."""
+        from distill.checkpoint import file_sha256
+
+        out, checkpoint = self.export_dir(name, quantization), self.checkpoint(name)
+        metadata = out / "model.json"
+        if metadata.is_file():
+            if json.loads(metadata.read_text())["checkpoint_sha256"] == file_sha256(checkpoint):
+                return out
+            log.info("%s was exported from an older checkpoint; exporting again", out)
+        convert_checkpoint(checkpoint, out, quantization=quantization, name=name, force=True)
+        return out
 
     def stage_evaluate(self) -> None:
         import torch

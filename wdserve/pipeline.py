@@ -255,11 +255,11 @@ class Pipeline:
     def export_teacher_for_generation(self) -> Path | None:
         """The float32 CTranslate2 teacher (much faster than PyTorch beam search), if CTranslate2 is here."""
         try:
-            from export.convert import convert_checkpoint
+            import ctranslate2  # noqa: F401
         except ImportError as err:  # a GPU training host may have PyTorch but not CTranslate2
             log.warning("CTranslate2 unavailable (%s): sequence-level KD uses PyTorch beam search", err)
             return None
-        return self.export("teacher", "float32", convert_checkpoint)
+        return self.export("teacher", "float32")
 
     def seqkd_pairs(self, with_bitext: bool) -> list[tuple[str, str]]:
         bitext = self.pairs("train")
@@ -295,7 +295,6 @@ class Pipeline:
             )
 
     def stage_export(self) -> None:
-        from export.convert import convert_checkpoint
         from export.verify import verify_export
 
         section = self.config.get("export", {})
@@ -304,16 +303,17 @@ class Pipeline:
         for name in self.model_names():
             dirs = {}
             for quantization in quantizations:
-                dirs[quantization] = self.export(name, quantization, convert_checkpoint)
+                dirs[quantization] = self.export(name, quantization)
             entry = self.report["models"].setdefault(name, {})
             entry["exports"] = {q: str(p) for q, p in dirs.items()}
             entry["export_size_bytes"] = {q: _dir_size(p) for q, p in dirs.items()}
             entry["parity"] = verify_export(self.checkpoint(name), dirs, sources, device=self.device)
             self.write_report()
 
-    def export(self, name: str, quantization: str, convert_checkpoint) -> Path:
+    def export(self, name: str, quantization: str) -> Path:
         """The CTranslate2 dir of ``name``, converted again when its checkpoint has changed since."""
         from distill.checkpoint import file_sha256
+        from export.convert import convert_checkpoint
 
         out, checkpoint = self.export_dir(name, quantization), self.checkpoint(name)
         metadata = out / "model.json"

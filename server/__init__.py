@@ -1,0 +1,7 @@
+"""HTTP serving of exported CTranslate2 models (no PyTorch).
+
+settings.py (ServeSettings, WDSERVE_* variables) -> models.py (load directories, names and aliases)
+-> batching.py (per-model dynamic batcher) -> service.py (request checks and translation, as plain
+functions) -> app.py (create_app: lifespan, routes, error handlers) ; text.py (sentence splitting,
+text checks), schemas.py (request/response bodies), metrics.py (Prometheus), cli.py (wdserve serve).
+"""

@@ -10,6 +10,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.settings import ServeSettings
 
 log = logging.getLogger("wdserve.serve")
 
@@ -44,7 +48,7 @@ def _flag_type(default: object) -> type:
     return type(default) if isinstance(default, (int, float)) else str
 
 
-def settings_from_args(args: argparse.Namespace):  # -> ServeSettings
+def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     """Flags given on the command line override the environment; the rest comes from WDSERVE_* or defaults."""
     from server.settings import ServeSettings, parse_model_specs
 

@@ -203,6 +203,8 @@ class WeightGenerator(nn.Module):
                 own=param if mode == "gated-ws" else None,
             )
             self.names.append(name)
+        # Every rank builds the same frozen teacher copies: DistributedDataParallel need not broadcast them.
+        self._ddp_params_and_buffers_to_ignore = [f"generators.{key}.teacher" for key in self.generators]
         self._generating = False
         self._synced_versions: tuple[int, ...] | None = None
         for part in (self.student.encoder, self.student.decoder):

@@ -109,6 +109,11 @@ def train_student(
     unknown = sorted(set(options) - set(OPTION_KEYS))
     if unknown:
         raise ValueError(f"student {name}: unknown options {unknown}; known: {list(OPTION_KEYS)}")
+    not_for_method = ({"phase1", "phase2"} if method not in PHASED else set()) | (
+        {"ckd"} if method != "ckd" else set())
+    ignored = sorted(set(options) & not_for_method)
+    if ignored:
+        log.warning("student %s: options %s do not apply to method %s and are ignored", name, ignored, method)
     out_dir = Path(out_dir)
     seed = int(options.get("seed", 1))
 

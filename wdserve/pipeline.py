@@ -49,6 +49,11 @@ def configure_pipeline(parser: argparse.ArgumentParser) -> None:
         help="directory of the corpus files (overrides data.dir and $WDSERVE_DATA_DIR)",
     )
     parser.add_argument(
+        "--students", default=None, metavar="NAME,...",
+        help="train, export and evaluate only these students of the config this time "
+             "(default: all); a later run without it adds the rest",
+    )
+    parser.add_argument(
         "--device", default=os.environ.get("WDSERVE_DEVICE"),
         help="cpu, cuda or cuda:N (default: $WDSERVE_DEVICE, else cuda when present)",
     )
@@ -56,6 +61,8 @@ def configure_pipeline(parser: argparse.ArgumentParser) -> None:
 
 def run_pipeline(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    if args.students:
+        config["students"] = select_students(config, args.students.split(","))
     Pipeline(config, args.workdir, data_dir=args.data_dir, device=args.device).run()
     return 0
 
@@ -71,6 +78,14 @@ def load_config(path: Path) -> dict[str, Any]:
         raise SystemExit(f"{path}: a pipeline config needs at least a 'teacher' section")
     config.setdefault("name", path.stem)
     return config
+
+
+def select_students(config: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
+    students = {student["name"]: student for student in config.get("students", [])}
+    unknown = [name for name in names if name not in students]
+    if unknown:
+        raise SystemExit(f"--students: {unknown} not in the config (it has {sorted(students)})")
+    return [students[name] for name in names]
 
 
 class Pipeline:

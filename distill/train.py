@@ -32,6 +32,7 @@ Files in ``out_dir``:
 
 from __future__ import annotations
 
+import atexit
 import copy
 import itertools
 import logging
@@ -288,19 +289,22 @@ def train(
     rank = int(os.environ.get("RANK", "0")) if world > 1 else 0
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
     device = _resolve_device(cfg.device, module, local_rank)
-    owns_group = world > 1 and not dist.is_initialized()
-    if owns_group:
+    if world > 1 and not dist.is_initialized():
+        # One group per process, kept across train() calls: a student trains several phases in one
+        # process, and tearing a Gloo group down and up again between them was seen to fail to connect.
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        trainer = _Trainer(module, vocab, train_examples, valid_pairs, cfg, out_dir, meta,
-                           loss_fn or default_loss(cfg.label_smoothing), student_of or (lambda m: m),
-                           trainable_parameters, device, world, rank)
-        return trainer.run(state)
-    finally:
-        if owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        atexit.register(_destroy_process_group)
+    trainer = _Trainer(module, vocab, train_examples, valid_pairs, cfg, out_dir, meta,
+                       loss_fn or default_loss(cfg.label_smoothing), student_of or (lambda m: m),
+                       trainable_parameters, device, world, rank)
+    return trainer.run(state)
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _result(out_dir: Path, train_state: dict) -> TrainResult:

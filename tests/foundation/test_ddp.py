@@ -40,7 +40,9 @@ WORKER = textwrap.dedent("""
                       accum_steps=2, clip_norm=1.0)
     result = train(model, vocab, encode_pairs(vocab, pairs), pairs[:6], cfg, out / "run", {"name": "ddp"})
     torch.save(model.state_dict(), out / f"final{rank}.pt")
-    (out / f"steps{rank}").write_text(str(result.steps))
+    # A second run in the same process, as a weight-distilled student's phase 2 is.
+    second = train(model, vocab, encode_pairs(vocab, pairs), pairs[:6], cfg, out / "run2", {"name": "ddp"})
+    (out / f"steps{rank}").write_text(f"{result.steps} {second.steps}")
 """)
 
 
@@ -51,6 +53,7 @@ def free_port() -> int:
 
 
 def test_two_gloo_ranks_train_identical_weights_and_rank0_writes(tmp_path):
+    """Also: a second train() in the same processes reuses the process group."""
     pairs = generate_pairs(120, seed=5)
     texts = [text for pair in pairs for text in pair]
     spm = train_sentencepiece(texts, tmp_path / "spm.model", vocab_size=100)
@@ -66,7 +69,7 @@ def test_two_gloo_ranks_train_identical_weights_and_rank0_writes(tmp_path):
         pytest.fail(f"torchrun did not finish in 180 s: {err.stderr}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    assert [(tmp_path / f"steps{rank}").read_text() for rank in (0, 1)] == ["6", "6"]
+    assert [(tmp_path / f"steps{rank}").read_text() for rank in (0, 1)] == ["6 6", "6 6"]
     initial0, initial1 = (torch.load(tmp_path / f"initial{rank}.pt") for rank in (0, 1))
     final0, final1 = (torch.load(tmp_path / f"final{rank}.pt") for rank in (0, 1))
     assert any(not torch.equal(initial0[k], initial1[k]) for k in initial0)  # the ranks started apart

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.baselines import ExportInfo, discover_exports, measure_direct, measure_pytorch_teacher
+from server.settings import ServeSettings
 
 log = logging.getLogger("wdserve.bench")
 
@@ -87,21 +88,13 @@ def read_test_set(workdir: Path, limit: int) -> tuple[list[str], list[str]]:
     return [s for s, _ in pairs], [r for _, r in pairs]
 
 
-def available_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
-
-
 def server_threads_per_model(n_models: int, cores: int | None = None) -> int:
     """Threads one translate call gets from a default ``wdserve serve`` of ``n_models`` models.
 
-    The server's default plan is cores // min(models, cores) (server/settings.py, thread_plan);
-    direct runs use the same, so that HTTP and direct numbers share the same compute per model.
+    Direct runs use the same, so that HTTP and direct numbers share the same compute per model;
+    the rule itself lives with the server (``ServeSettings.thread_plan``).
     """
-    cores = cores or available_cores()
-    return max(1, cores // max(1, min(n_models, cores)))
+    return ServeSettings().thread_plan(n_models, cores)[1]
 
 
 def choose_models(exports: list[ExportInfo], requested: list[str] | None) -> list[str]:

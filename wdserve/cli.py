@@ -27,7 +27,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wdserve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="wdserve",
+        description="Distill translation students from a teacher, export them to CTranslate2, "
+                    "serve them side by side and load-test them.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():

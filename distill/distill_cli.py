@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from distill.train_cli import add_corpus_arguments
+
 log = logging.getLogger(__name__)
 
 METHOD_CHOICES = ("wd", "kd", "seqkd", "ws", "gated-ws", "ckd")  # == distill.students.METHODS
@@ -35,10 +37,7 @@ def configure_distill(parser: argparse.ArgumentParser) -> None:
                         help="wd: weight distillation; kd: word-level KD; seqkd: plain training (on "
                              "distilled data with --seqkd); ws / gated-ws: weight squeezing; ckd: "
                              "combinatorial intermediate-layer KD")
-    parser.add_argument("--train-src", type=Path, required=True, help="training source sentences")
-    parser.add_argument("--train-tgt", type=Path, required=True, help="training target sentences")
-    parser.add_argument("--valid-src", type=Path, required=True, help="dev source sentences (dev BLEU)")
-    parser.add_argument("--valid-tgt", type=Path, required=True, help="dev reference translations")
+    add_corpus_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output directory (resumes if present)")
     parser.add_argument("--name", default=None, help="student name in the checkpoint (default: --out's name)")
     parser.add_argument("--config", type=Path, default=None, help="YAML/JSON student settings (see above)")

@@ -68,11 +68,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
-        return cls(**values)
+        return config_from_dict(cls, values, "model")
+
+
+def config_from_dict(cls, values: dict, what: str):
+    """``cls(**values)`` for a config dataclass, naming unknown keys instead of a TypeError."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown {what} config fields: {sorted(unknown)} (known: {sorted(known)})")
+    return cls(**values)
 
 
 def sinusoidal_table(num_positions: int, dim: int) -> torch.Tensor:

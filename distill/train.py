@@ -43,7 +43,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.checkpoint import atomic_save, read_checkpoint, save_checkpoint
-from distill.model import BOS_ID, EOS_ID, PAD_ID, Transformer
+from distill.model import BOS_ID, EOS_ID, PAD_ID, Transformer, config_from_dict
 from distill.vocab import Vocab
 
 log = logging.getLogger("distill.train")
@@ -100,11 +100,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown train config fields: {sorted(unknown)} (known: {sorted(known)})")
-        return cls(**values)
+        return config_from_dict(cls, values, "train")
 
 
 @dataclass

@@ -24,11 +24,16 @@ TRAIN_OVERRIDES = {"max_steps": int, "max_tokens": int, "lr": float, "warmup_ste
                    "eval_every": int, "seed": int, "device": str}
 
 
-def configure_train(parser: argparse.ArgumentParser) -> None:
+def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training and dev files every training command reads."""
     parser.add_argument("--train-src", type=Path, required=True, help="training source sentences")
     parser.add_argument("--train-tgt", type=Path, required=True, help="training target sentences")
     parser.add_argument("--valid-src", type=Path, required=True, help="dev source sentences (dev BLEU)")
     parser.add_argument("--valid-tgt", type=Path, required=True, help="dev reference translations")
+
+
+def configure_train(parser: argparse.ArgumentParser) -> None:
+    add_corpus_arguments(parser)
     parser.add_argument("--vocab", type=Path, required=True, help="SentencePiece model (wdserve's ids)")
     parser.add_argument("--out", type=Path, required=True, help="output directory (checkpoints; resumes)")
     parser.add_argument("--config", type=Path, help="YAML/JSON file with 'model:' and 'train:' sections")

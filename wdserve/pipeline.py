@@ -344,29 +344,26 @@ class Pipeline:
 
         from distill.checkpoint import load_model
         from distill.decode import translate
-        from distill.evaluate import score
+        from distill.evaluate import evaluate_checkpoint, score
         from distill.model import Transformer, count_parameters
 
         beam = self.config.get("evaluate", {}).get("beam_size", 4)
-        test = self.pairs("test")
-        sources, references = [s for s, _ in test], [t for _, t in test]
+        test = self.data_path("test", "src"), self.data_path("test", "tgt")
         for name in self.model_names():
-            model, vocab, _ = load_model(self.checkpoint(name), self.device)
-            started = time.perf_counter()
-            hypotheses = translate(model, vocab, sources, beam_size=beam, device=self.device)
-            seconds = time.perf_counter() - started
+            result = evaluate_checkpoint(self.checkpoint(name), *test, beam_size=beam, device=self.device)
+            model, vocab, _ = load_model(self.checkpoint(name))
             entry = self.report["models"].setdefault(name, {})
             entry.update({
                 "parameters": count_parameters(model),
-                "test": {**score(hypotheses, references), "beam_size": beam,
-                         "pytorch_seconds": round(seconds, 3)},
+                "test": {key: result[key] for key in ("bleu", "chrf", "bleu_signature", "chrf_signature")}
+                | {"beam_size": beam, "pytorch_seconds": round(result["seconds"], 3)},
             })
             if name == "teacher":  # the floor a trained teacher must clear
                 torch.manual_seed(self.config.get("seed", 1))
-                untrained = Transformer(model.config).to(self.device).eval()
-                baseline = score(translate(untrained, vocab, sources, beam_size=1, device=self.device),
-                                 references)
-                self.report["untrained_test_bleu"] = baseline["bleu"]
+                untrained = Transformer(model.config).eval()
+                pairs = self.pairs("test")
+                hypotheses = translate(untrained, vocab, [src for src, _ in pairs], beam_size=1)
+                self.report["untrained_test_bleu"] = score(hypotheses, [ref for _, ref in pairs])["bleu"]
             log.info("%s: BLEU %.2f chrF %.2f (%d parameters)", name, entry["test"]["bleu"],
                      entry["test"]["chrf"], entry["parameters"])
             self.write_report()

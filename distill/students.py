@@ -187,6 +187,8 @@ def _train_phased(teacher, vocab, examples, valid_pairs, student_cfg, method, ou
                        loss_fn=_word_kd_loss(teacher, options.get("word_kd"), cfg))
         final = phase2.best_path
     best = out_dir / "checkpoint_best.pt"
-    atomic_write(best, lambda handle: handle.write(final.read_bytes()))
-    log.info("%s: final student %s (copied from %s)", meta["name"], best, final)
+    content = final.read_bytes()
+    if not best.is_file() or best.read_bytes() != content:  # a rerun leaves a finished student alone
+        atomic_write(best, lambda handle: handle.write(content))
+        log.info("%s: final student %s (copied from %s)", meta["name"], best, final)
     return best

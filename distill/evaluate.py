@@ -49,10 +49,12 @@ def evaluate_checkpoint(
 ) -> dict:
     """Translates ``src_path`` with a PyTorch checkpoint and scores it against ``ref_path``.
 
-    Returns ``score()``'s keys plus ``hypotheses``, ``sentences``, ``beam_size`` and ``seconds``.
+    Returns ``score()``'s keys plus ``hypotheses``, ``sentences``, ``beam_size``, ``seconds`` and
+    ``parameters`` (the model's).
     """
     from distill.checkpoint import load_model
     from distill.decode import translate
+    from distill.model import count_parameters
 
     pairs = read_parallel(src_path, ref_path)
     model, vocab, _ = load_model(checkpoint, device)
@@ -60,7 +62,8 @@ def evaluate_checkpoint(
     hypotheses = translate(model, vocab, [s for s, _ in pairs], beam_size=beam_size,
                            batch_size=batch_size, device=device)
     seconds = time.perf_counter() - started
-    return _result(hypotheses, [r for _, r in pairs], beam_size, seconds)
+    return {**_result(hypotheses, [r for _, r in pairs], beam_size, seconds),
+            "parameters": count_parameters(model)}
 
 
 def evaluate_ctranslate2(

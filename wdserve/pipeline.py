@@ -32,7 +32,11 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # distill imports torch: only at run time, inside the stages
+    from distill.model import ModelConfig
+    from distill.vocab import Vocab
 
 log = logging.getLogger("wdserve.pipeline")
 
@@ -219,16 +223,21 @@ class Pipeline:
         src, tgt = self.languages
         return {"name": name, "method": method, "source_lang": src, "target_lang": tgt, **extra}
 
+    def teacher_config(self, vocab: Vocab) -> ModelConfig:
+        from distill.model import ModelConfig
+
+        return ModelConfig(vocab_size=len(vocab), **self.config["teacher"].get("model", {}))
+
     def stage_teacher(self) -> None:
         import torch
 
-        from distill.model import ModelConfig, Transformer
+        from distill.model import Transformer
         from distill.train import TrainConfig, encode_pairs, train
 
         section = self.config["teacher"]
         vocab = self.vocab()
         torch.manual_seed(self.config.get("seed", 1))
-        model = Transformer(ModelConfig(vocab_size=len(vocab), **section.get("model", {})))
+        model = Transformer(self.teacher_config(vocab))
         train_cfg = TrainConfig.from_dict(
             {"seed": self.config.get("seed", 1), "device": self.device, **section.get("train", {})}
         )
@@ -293,10 +302,13 @@ class Pipeline:
         teacher_config = ModelConfig.from_dict(read_checkpoint(self.checkpoint("teacher"))["config"])
         with_bitext = self.config.get("seqkd", {}).get("with_bitext", True)
         valid = self.pairs("valid")
+        datasets: dict[str, list[tuple[str, str]]] = {}  # read once, shared by students on the same data
         for spec in self.config.get("students", []):
             name, method = spec["name"], spec["method"]
             data = spec.get("data", "seqkd")
-            train_pairs = self.pairs("train") if data == "bitext" else self.seqkd_pairs(with_bitext)
+            if data not in datasets:
+                datasets[data] = self.pairs("train") if data == "bitext" else self.seqkd_pairs(with_bitext)
+            train_pairs = datasets[data]
             config = student_config(teacher_config, spec.get("preset"), spec.get("model", {}))
             log.info("student %s: method %s on %s data (%d pairs)", name, method, data, len(train_pairs))
             options = {k: v for k, v in spec.items() if k not in STUDENT_KEYS}
@@ -342,31 +354,30 @@ class Pipeline:
     def stage_evaluate(self) -> None:
         import torch
 
-        from distill.checkpoint import load_model
         from distill.decode import translate
         from distill.evaluate import evaluate_checkpoint, score
-        from distill.model import Transformer, count_parameters
+        from distill.model import Transformer
 
         beam = self.config.get("evaluate", {}).get("beam_size", 4)
         test = self.data_path("test", "src"), self.data_path("test", "tgt")
         for name in self.model_names():
             result = evaluate_checkpoint(self.checkpoint(name), *test, beam_size=beam, device=self.device)
-            model, vocab, _ = load_model(self.checkpoint(name))
             entry = self.report["models"].setdefault(name, {})
             entry.update({
-                "parameters": count_parameters(model),
+                "parameters": result["parameters"],
                 "test": {key: result[key] for key in ("bleu", "chrf", "bleu_signature", "chrf_signature")}
-                | {"beam_size": beam, "pytorch_seconds": round(result["seconds"], 3)},
+                | {"beam_size": beam, "pytorch_seconds": result["seconds"]},
             })
-            if name == "teacher":  # the floor a trained teacher must clear
-                torch.manual_seed(self.config.get("seed", 1))
-                untrained = Transformer(model.config).eval()
-                pairs = self.pairs("test")
-                hypotheses = translate(untrained, vocab, [src for src, _ in pairs], beam_size=1)
-                self.report["untrained_test_bleu"] = score(hypotheses, [ref for _, ref in pairs])["bleu"]
             log.info("%s: BLEU %.2f chrF %.2f (%d parameters)", name, entry["test"]["bleu"],
                      entry["test"]["chrf"], entry["parameters"])
             self.write_report()
+        # The floor a trained teacher must clear: the same architecture, untrained.
+        vocab = self.vocab()
+        torch.manual_seed(self.config.get("seed", 1))
+        untrained = Transformer(self.teacher_config(vocab)).eval()
+        pairs = self.pairs("test")
+        hypotheses = translate(untrained, vocab, [src for src, _ in pairs], beam_size=1)
+        self.report["untrained_test_bleu"] = score(hypotheses, [ref for _, ref in pairs])["bleu"]
 
 
 def _corpus_file(root: Path, split: str, lang: str) -> Path:

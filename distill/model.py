@@ -304,11 +304,11 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         src_embedding = Embedding(cfg.vocab_size, cfg.enc_dim, cfg.max_positions, cfg.dropout)
-        tgt_embedding = (
-            src_embedding
-            if cfg.share_embeddings
-            else Embedding(cfg.vocab_size, cfg.dec_dim, cfg.max_positions, cfg.dropout)
-        )
+        tgt_embedding = Embedding(cfg.vocab_size, cfg.dec_dim, cfg.max_positions, cfg.dropout)
+        if cfg.share_embeddings:
+            # One table, two modules: a module reachable by two paths trips torch.func.functional_call
+            # (distill.wd runs students through it), which restores a shared module's tensors wrongly.
+            tgt_embedding.tokens.weight = src_embedding.tokens.weight
         self.encoder = Encoder(cfg, src_embedding)
         self.decoder = Decoder(cfg, tgt_embedding)
         self.apply(_init_linear)

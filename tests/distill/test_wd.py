@@ -9,7 +9,7 @@ from distill.checkpoint import load_model, save_checkpoint
 from distill.kd import WordKDLoss
 from distill.model import Transformer
 from distill.vocab import Vocab, train_sentencepiece
-from distill.wd import WeightGenerator, layer_groups
+from distill.wd import WeightGenerator, layer_groups, live_student
 from distill.ws import squeezing_generator
 
 # Student shapes covering every tensor kind: narrower decoder (cross-attention from a wider encoder),
@@ -79,6 +79,29 @@ def test_folded_student_computes_what_the_generator_computes(kit, mode):
     expected = generator(data.src, data.tgt_in)
     folded = generator.fold().eval()
     torch.testing.assert_close(folded(data.src, data.tgt_in), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("student", list(STUDENTS))
+def test_live_student_follows_the_generator_through_training_steps(kit, student):
+    """The path train() takes: generator forwards and optimizer steps, then the student on its own.
+
+    With shared tables (same-width) the skeleton's embedding is reachable by several names; it
+    must come out of every generator forward with its tensors tied and untouched.
+    """
+    teacher = kit.teacher(tie_output=student != "narrow-untied")
+    generator = WeightGenerator(teacher, kit.config(**STUDENTS[student]))
+    optimizer = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=0.01)
+    data = kit.batch()
+    for _ in range(2):
+        optimizer.zero_grad()
+        generator(data.src, data.tgt_in).logsumexp(-1).mean().backward()
+        optimizer.step()
+    live = live_student(generator)
+    assert all(p.is_leaf for p in live.parameters())
+    assert distinct_parameters(live) == distinct_parameters(Transformer(kit.config(**STUDENTS[student])))
+    generator.eval()
+    torch.testing.assert_close(live(data.src, data.tgt_in), generator(data.src, data.tgt_in),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_weight_distilled_student_is_an_ordinary_checkpoint(kit, tmp_path):

@@ -91,11 +91,21 @@ class DirectTranslator:
         self.translator = ctranslate2.Translator(str(export.path), device="cpu", intra_threads=threads)
 
     def translate(self, sentences: list[str], beam_size: int, max_length: int, batch_size: int) -> list[str]:
+        """Batches of ``batch_size`` sentences of similar length, as CTranslate2's own ``max_batch_size``
+        would make them, each held to the server's per-sentence output limit."""
+        from server.models import translate_bounded
+        from server.settings import OutputLimit
+
         pieces = [self.sp.encode(sentence, out_type=str) for sentence in sentences]
-        results = self.translator.translate_batch(
-            pieces, beam_size=beam_size, max_decoding_length=max_length, max_batch_size=batch_size
-        )
-        return [self.sp.decode(result.hypotheses[0]) for result in results]
+        order = sorted(range(len(pieces)), key=lambda i: len(pieces[i]))
+        outputs: list[str] = [""] * len(pieces)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            hypotheses = translate_bounded(self.translator, [pieces[i] for i in chunk], beam_size, max_length,
+                                           OutputLimit())
+            for i, hypothesis in zip(chunk, hypotheses, strict=True):
+                outputs[i] = self.sp.decode(hypothesis)
+        return outputs
 
 
 def measure_direct(

@@ -33,7 +33,7 @@ from server.schemas import (
     error_responses,
 )
 from server.service import ApiError, ServerState
-from server.settings import ServeSettings, available_cores
+from server.settings import OutputLimit, ServeSettings, available_cores
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,9 @@ def load_registry(settings: ServeSettings) -> ModelRegistry:
     if inter * intra > available_cores():
         log.warning("inter_threads x intra_threads = %d x %d exceeds the %d available cores",
                     inter, intra, available_cores())
+    limit = OutputLimit(settings.output_length_ratio, settings.output_length_margin)
     return ModelRegistry.load(specs, settings.device, settings.compute_type, intra,
-                              settings.prefer_quantization)
+                              settings.prefer_quantization, limit)
 
 
 def _request_body(model: type) -> dict[str, Any]:

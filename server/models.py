@@ -24,6 +24,8 @@ from typing import Any
 import ctranslate2
 import sentencepiece as spm
 
+from server.settings import OutputLimit
+
 log = logging.getLogger(__name__)
 
 SPM_FILE = "sentencepiece.model"
@@ -32,6 +34,32 @@ INFO_FILE = "model.json"
 
 class ModelLoadError(RuntimeError):
     """A model directory is missing, incomplete or unreadable; the message names it."""
+
+
+def translate_bounded(translator: Any, batch: list[list[str]], beam_size: int, max_length: int,
+                      limit: OutputLimit) -> list[list[str]]:
+    """``translate_batch`` with every sentence held to its own ``limit``.
+
+    CTranslate2's ``max_decoding_length`` applies to a whole call, so the batch runs
+    once under its longest sentence's limit, and the few outputs that went past their
+    own limit (repetition loops, in practice) are translated again under it.
+    """
+    if not batch:
+        return []
+    limits = [limit.tokens(len(pieces), max_length) for pieces in batch]
+    longest = max(limits)
+    outputs = [result.hypotheses[0] for result in translator.translate_batch(
+        batch, beam_size=beam_size, max_decoding_length=longest, num_hypotheses=1)]
+    again: dict[int, list[int]] = {}
+    for i, output in enumerate(outputs):
+        if limits[i] < longest and len(output) >= limits[i]:
+            again.setdefault(limits[i], []).append(i)
+    for own_limit, indices in again.items():
+        results = translator.translate_batch([batch[i] for i in indices], beam_size=beam_size,
+                                             max_decoding_length=own_limit, num_hypotheses=1)
+        for i, result in zip(indices, results, strict=True):
+            outputs[i] = result.hypotheses[0]
+    return outputs
 
 
 @dataclass
@@ -43,6 +71,7 @@ class ServedModel:
     translator: Any  # ctranslate2.Translator
     tokenizer: spm.SentencePieceProcessor
     info: dict[str, Any] = field(default_factory=dict)
+    output_limit: OutputLimit = field(default_factory=OutputLimit)
 
     @property
     def source_lang(self) -> str | None:
@@ -71,10 +100,8 @@ class ServedModel:
         return self.tokenizer.encode(text, out_type=str)
 
     def translate_pieces(self, batch: list[list[str]], beam_size: int, max_length: int) -> list[list[str]]:
-        """Blocking CTranslate2 call; run it off the event loop."""
-        results = self.translator.translate_batch(
-            batch, beam_size=beam_size, max_decoding_length=max_length, num_hypotheses=1)
-        return [result.hypotheses[0] for result in results]
+        """Blocking CTranslate2 call; run it off the event loop. Outputs obey ``output_limit``."""
+        return translate_bounded(self.translator, batch, beam_size, max_length, self.output_limit)
 
     def translate_texts(self, batch: list[list[str]], beam_size: int,
                         max_length: int) -> list[tuple[str, int]]:
@@ -120,7 +147,7 @@ def read_info(name: str, path: Path) -> dict[str, Any]:
 
 
 def load_model(name: str, path: Path, device: str = "cpu", compute_type: str = "default",
-               intra_threads: int = 1) -> ServedModel:
+               intra_threads: int = 1, output_limit: OutputLimit | None = None) -> ServedModel:
     """Loads one directory and runs a one-sentence smoke translation, so a corrupt model fails here."""
     path = Path(path)
     if not path.is_dir():
@@ -139,7 +166,8 @@ def load_model(name: str, path: Path, device: str = "cpu", compute_type: str = "
         # bounds concurrency across models with its own worker pool (see settings.thread_plan).
         translator = ctranslate2.Translator(
             str(path), device=device, compute_type=compute_type, inter_threads=1, intra_threads=intra_threads)
-        model = ServedModel(name=name, path=path, translator=translator, tokenizer=tokenizer, info=info)
+        model = ServedModel(name=name, path=path, translator=translator, tokenizer=tokenizer, info=info,
+                            output_limit=output_limit or OutputLimit())
         model.translate_pieces([model.encode("test")], beam_size=1, max_length=4)
     except (RuntimeError, ValueError, OSError) as err:
         raise ModelLoadError(f"model {name!r}: CTranslate2 cannot load {path}: {err}") from err
@@ -173,12 +201,13 @@ class ModelRegistry:
 
     @classmethod
     def load(cls, specs: dict[str, Path], device: str = "cpu", compute_type: str = "default",
-             intra_threads: int = 1, prefer_quantization: str = "int8") -> ModelRegistry:
+             intra_threads: int = 1, prefer_quantization: str = "int8",
+             output_limit: OutputLimit | None = None) -> ModelRegistry:
         if not specs:
             raise ModelLoadError("no models to serve: give --workdir DIR or --model NAME=PATH")
         models: dict[str, ServedModel] = {}
         for name, path in specs.items():
-            models[name] = load_model(name, path, device, compute_type, intra_threads)
+            models[name] = load_model(name, path, device, compute_type, intra_threads, output_limit)
         return cls(models, prefer_quantization)
 
     def resolve(self, name: str) -> ServedModel | None:

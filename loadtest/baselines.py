@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loadtest.accounting import BenchError
+
 log = logging.getLogger("wdserve.bench")
 
 EXPORT_METADATA = "model.json"
@@ -52,9 +54,9 @@ def discover_exports(workdir: Path) -> list[ExportInfo]:
                 target_lang=meta["target_lang"], parameters=meta.get("parameters"),
             ))
         except (ValueError, KeyError) as err:
-            raise SystemExit(f"{meta_path}: not a wdserve export description ({err!r})") from err
+            raise BenchError(f"{meta_path}: not a wdserve export description ({err!r})") from err
     if not exports:
-        raise SystemExit(f"no CTranslate2 exports under {root} (no */{EXPORT_METADATA}); "
+        raise BenchError(f"no CTranslate2 exports under {root} (no */{EXPORT_METADATA}); "
                          "run `wdserve pipeline` or `wdserve export` first")
     return sorted(exports, key=lambda e: (e.name != "teacher", e.name, e.quantization))
 
@@ -90,14 +92,18 @@ class DirectTranslator:
         self.sp = sentencepiece.SentencePieceProcessor(model_file=str(export.path / EXPORT_VOCAB))
         self.translator = ctranslate2.Translator(str(export.path), device="cpu", intra_threads=threads)
 
-    def translate(self, sentences: list[str], beam_size: int, max_length: int, batch_size: int) -> list[str]:
-        """Batches of ``batch_size`` sentences of similar length, as CTranslate2's own ``max_batch_size``
-        would make them, each held to the server's per-sentence output limit."""
+    def translate(self, sentences: list[str], beam_size: int, max_length: int, batch_size: int,
+                  sort_by_length: bool = True) -> list[str]:
+        """Batches of ``batch_size`` sentences, each held to the server's per-sentence output limit: of
+        similar length, as CTranslate2's own ``max_batch_size`` would make them, or in the given order,
+        as requests arrive at the server (``sort_by_length=False``)."""
         from server.models import translate_bounded
         from server.settings import OutputLimit
 
         pieces = [self.sp.encode(sentence, out_type=str) for sentence in sentences]
-        order = sorted(range(len(pieces)), key=lambda i: len(pieces[i]))
+        order = list(range(len(pieces)))
+        if sort_by_length:
+            order.sort(key=lambda i: len(pieces[i]))
         outputs: list[str] = [""] * len(pieces)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
@@ -159,6 +165,26 @@ def measure_direct(
         "mean_ms": round(statistics.fmean(latencies), 3),
         **score(outputs, references),
     }
+
+
+def measure_direct_cpu(export: ExportInfo, sentences: list[str], beam_size: int, max_length: int,
+                       batch_size: int, threads: int, min_seconds: float) -> dict[str, Any]:
+    """Direct CTranslate2 priced as the server is: process CPU time per sentence (and sentences/s) for
+    batches of ``batch_size`` in arrival order, i.e. unsorted, as the server's batcher forms them.
+
+    The pass over ``sentences`` is repeated until ``min_seconds`` have passed.
+    """
+    translator = DirectTranslator(export, threads=threads)
+    translator.translate(sentences[:2], beam_size, max_length, batch_size)  # warm-up: first-call costs
+    passes = 0
+    wall, cpu = time.perf_counter(), time.process_time()
+    while passes == 0 or time.perf_counter() - wall < min_seconds:
+        translator.translate(sentences, beam_size, max_length, batch_size, sort_by_length=False)
+        passes += 1
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    done = passes * len(sentences)
+    return {"export": export.dir_name, "batch_size": batch_size, "threads": threads, "passes": passes,
+            "sentences_per_s": round(done / wall, 3), "cpu_ms_per_sentence": round(1000 * cpu / done, 4)}
 
 
 def measure_pytorch_teacher(

@@ -1,23 +1,27 @@
-"""``wdserve bench``: teacher against students, over HTTP and without it, in one unattended run.
+"""``wdserve bench``: each model's capacity as the *service* delivers it, teacher against students.
 
 Order of work, so that nothing measured competes with anything else for the CPU:
 
-1. without HTTP: direct CTranslate2 over the same sentences for every export
-   directory (throughput, one-sentence latency, BLEU, chrF), then the PyTorch teacher;
-2. a server on a free local port (or ``--url``), readiness polled on /ready;
-3. locust, headless, one subprocess per phase (gevent never patches this process),
-   phases alternating teacher, student, ..., teacher, student, ... with the same
-   sentences, beam size, length limit and user count, first at a low fixed
-   concurrency (latency), then at saturation (throughput);
-4. OUT/report.json, OUT/report.md and PNG plots beside locust's CSV and HTML.
+1. the cores are split (``accounting.CpuPlan``): the server's set and the load
+   generator's set are disjoint whenever there are two cores or more;
+2. without HTTP, on the server's cores with the server's threads: direct CTranslate2
+   over the same sentences for every export (throughput, one-sentence latency, BLEU,
+   chrF), then the PyTorch teacher;
+3. ``wdserve serve`` on a free local port, pinned to its cores (or ``--url``);
+4. for each sentences-per-request value and each round, a sweep of closed-loop user
+   counts: at every level one locust phase per model, teacher first, so that drift hits
+   every model alike; a model leaves the sweep once its throughput stops rising
+   (``sweep``). Per phase: locust's own CSV, the server's CPU seconds (psutil), its
+   batch sizes (``/metrics``) and the load generator's CPU seconds;
+5. direct CTranslate2 again, at each model's own mean batch size in the server, to
+   price the service's overhead per request;
+6. OUT/report.json, OUT/report.md and plots beside locust's CSV and HTML.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -27,18 +31,39 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest.baselines import ExportInfo, discover_exports, measure_direct, measure_pytorch_teacher
+from loadtest.accounting import (
+    LOAD_SATURATED,
+    BenchError,
+    CpuPlan,
+    available_cpus,
+    batches_between,
+    format_cpus,
+    pin_process,
+    pinned,
+    process_cpu_seconds,
+    read_client_stats,
+    scrape_metrics,
+    utilization,
+)
+from loadtest.baselines import (
+    ExportInfo,
+    discover_exports,
+    measure_direct,
+    measure_direct_cpu,
+    measure_pytorch_teacher,
+)
+from loadtest.sweep import MIN_GAIN, sweep_done
 from server.settings import ServeSettings
 
 log = logging.getLogger("wdserve.bench")
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
-REGIMES = ("low", "saturation")
 SERVE_COMMAND = [sys.executable, "-m", "wdserve.cli", "serve"]  # `wdserve serve` of this interpreter
+DEFAULT_USERS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 @dataclass
@@ -50,11 +75,14 @@ class BenchOptions:
     quantization: str | None = None  # default: the server's preferred one (the short alias)
     beam_size: int = 4
     max_length: int = 256
-    phases: int = 3  # rounds of (teacher, student, ...) per regime
-    duration: float = 30.0  # seconds per phase
-    low_users: int = 1
-    users: int = 16
-    spawn_rate: float | None = None  # default: every user at once
+    rounds: int = 2  # sweeps per sentences-per-request value, each alternating the models
+    duration: float = 15.0  # seconds per phase
+    users: tuple[int, ...] = DEFAULT_USERS  # closed-loop levels of the sweep, rising
+    sentences_per_request: tuple[int, ...] = (1,)
+    slo_ms: float = 100.0  # p95 latency objective of one request, for capacity at SLO
+    min_gain: float = MIN_GAIN  # a level adding less throughput than this ends a model's sweep
+    server_cpus: tuple[int, ...] | None = None  # default: CpuPlan.choose
+    load_cpus: tuple[int, ...] | None = None
     max_sentences: int = 500
     threads: int = 0  # direct CTranslate2 / PyTorch threads (0: what the server gives one model)
     direct_batch_size: int = 32
@@ -76,20 +104,20 @@ def read_test_set(workdir: Path, limit: int) -> tuple[list[str], list[str]]:
     src, tgt = Path(workdir) / "data" / "test.src", Path(workdir) / "data" / "test.tgt"
     for path in (src, tgt):
         if not path.is_file():
-            raise SystemExit(f"test set file not found: {path} (run `wdserve pipeline` on {workdir} first)")
+            raise BenchError(f"test set file not found: {path} (run `wdserve pipeline` on {workdir} first)")
     sources = src.read_text(encoding="utf-8").splitlines()
     references = tgt.read_text(encoding="utf-8").splitlines()
     if len(sources) != len(references):
-        raise SystemExit(f"{src} has {len(sources)} lines but {tgt} has {len(references)}")
+        raise BenchError(f"{src} has {len(sources)} lines but {tgt} has {len(references)}")
     pairs = [(s.strip(), r.strip()) for s, r in zip(sources, references, strict=True) if s.strip()]
     if not pairs:
-        raise SystemExit(f"{src} has no sentences")
+        raise BenchError(f"{src} has no sentences")
     pairs = pairs[:limit] if limit > 0 else pairs
     return [s for s, _ in pairs], [r for _, r in pairs]
 
 
 def server_threads_per_model(n_models: int, cores: int | None = None) -> int:
-    """Threads one translate call gets from a default ``wdserve serve`` of ``n_models`` models.
+    """Threads one translate call gets from a default ``wdserve serve`` of ``n_models`` models on ``cores``.
 
     Direct runs use the same, so that HTTP and direct numbers share the same compute per model;
     the rule itself lives with the server (``ServeSettings.thread_plan``).
@@ -103,27 +131,20 @@ def choose_models(exports: list[ExportInfo], requested: list[str] | None) -> lis
     names = requested or available
     unknown = [n for n in names if n not in available]
     if unknown:
-        raise SystemExit(f"--models {','.join(unknown)}: not exported (available: {', '.join(available)})")
+        raise BenchError(f"--models {','.join(unknown)}: not exported (available: {', '.join(available)})")
     if "teacher" not in names:
-        raise SystemExit("--models must include teacher: every student is measured against it")
+        raise BenchError("--models must include teacher: every student is measured against it")
     if len(names) < 2:
-        raise SystemExit(f"nothing to compare the teacher with (exported models: {', '.join(available)})")
+        raise BenchError(f"nothing to compare the teacher with (exported models: {', '.join(available)})")
     return ["teacher"] + [n for n in names if n != "teacher"]
 
 
-def served_export(listing: Any, served_name: str, export_dirs: list[str]) -> str | None:
+def served_export(listing: list[dict[str, Any]], served_name: str, export_dirs: list[str]) -> str | None:
     """The export directory the server answers ``served_name`` with, read from GET /models."""
-    if served_name in export_dirs:
-        return served_name
-    entries = listing.get("models", listing) if isinstance(listing, dict) else listing
-    if isinstance(entries, dict):
-        entries = [{"name": name, **info} for name, info in entries.items() if isinstance(info, dict)]
-    for entry in entries if isinstance(entries, list) else []:
-        if isinstance(entry, dict) and served_name in (entry.get("aliases") or []):
-            for key in ("name", "export", "directory", "path"):
-                value = entry.get(key)
-                if isinstance(value, str) and Path(value).name in export_dirs:
-                    return Path(value).name
+    for entry in listing:
+        if served_name == entry["name"] or served_name in entry["aliases"]:
+            directory = Path(entry["path"]).name
+            return directory if directory in export_dirs else None
     return None
 
 
@@ -157,7 +178,7 @@ def wait_ready(url: str, timeout: float, process: subprocess.Popen | None = None
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:] if log_path else ""
-            raise SystemExit(f"the server exited with code {process.returncode} before it was ready; "
+            raise BenchError(f"the server exited with code {process.returncode} before it was ready; "
                              f"its log ({log_path}) ends:\n{tail}")
         try:
             with urllib.request.urlopen(f"{url}/ready", timeout=5) as response:
@@ -169,24 +190,37 @@ def wait_ready(url: str, timeout: float, process: subprocess.Popen | None = None
         except OSError as err:
             last_error = str(err)
         time.sleep(0.3)
-    raise SystemExit(f"{url}/ready did not answer 200 within {timeout:.0f}s (last: {last_error})")
+    raise BenchError(f"{url}/ready did not answer 200 within {timeout:.0f}s (last: {last_error})")
+
+
+@dataclass
+class Server:
+    url: str
+    pid: int | None  # None for a server the bench did not start (--url): its CPU is not accounted
 
 
 @contextmanager
-def running_server(workdir: Path, log_path: Path, timeout: float, extra_args: list[str]) -> Iterator[str]:
-    """``wdserve serve`` on a free local port, yielding its URL; SIGTERM (then SIGKILL) on the way out."""
+def running_server(workdir: Path, log_path: Path, timeout: float, extra_args: list[str],
+                   cpus: tuple[int, ...] | None = None) -> Iterator[Server]:
+    """``wdserve serve`` on a free local port, on ``cpus`` when given; SIGTERM (then SIGKILL) on the way out.
+
+    The process is pinned right after it starts, long before its interpreter has started a
+    thread, so the server sizes its thread pool for its own cores (``available_cores``).
+    """
     port = free_port()
     command = [*SERVE_COMMAND, "--workdir", str(workdir), "--host", "127.0.0.1", "--port", str(port),
                *extra_args]
-    log.info("starting server: %s", " ".join(command))
+    log.info("starting server%s: %s", f" on CPU(s) {format_cpus(cpus)}" if cpus else "", " ".join(command))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8") as server_log:
         process = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
+        if cpus:
+            pin_process(process.pid, cpus)
         wait_ready(url, timeout, process, log_path)
         log.info("server ready at %s (pid %d)", url, process.pid)
-        yield url
+        yield Server(url, process.pid)
     finally:
         stop_process(process)
 
@@ -216,6 +250,8 @@ def _number(value: str) -> float | None:
 
 def read_locust_stats(csv_path: Path, name: str) -> dict[str, Any]:
     """The row of request ``name`` in a locust ``*_stats.csv`` (zeros if locust filed no request)."""
+    import csv
+
     with open(csv_path, newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
             if row["Name"] == name:
@@ -223,21 +259,19 @@ def read_locust_stats(csv_path: Path, name: str) -> dict[str, Any]:
                     "requests": int(row["Request Count"]),
                     "failures": int(row["Failure Count"]),
                     "requests_per_s": _number(row["Requests/s"]) or 0.0,
-                    "failures_per_s": _number(row["Failures/s"]) or 0.0,
                     "avg_ms": _number(row["Average Response Time"]),
-                    "min_ms": _number(row["Min Response Time"]),
-                    "max_ms": _number(row["Max Response Time"]),
                     "percentiles_ms": {key: _number(row[key]) for key in row if key.endswith("%")},
                     "p50_ms": _number(row["50%"]),
                     "p95_ms": _number(row["95%"]),
                     "p99_ms": _number(row["99%"]),
                 }
-    return {"requests": 0, "failures": 0, "requests_per_s": 0.0, "failures_per_s": 0.0, "avg_ms": None,
-            "min_ms": None, "max_ms": None, "percentiles_ms": {}, "p50_ms": None, "p95_ms": None,
-            "p99_ms": None}
+    return {"requests": 0, "failures": 0, "requests_per_s": 0.0, "avg_ms": None, "percentiles_ms": {},
+            "p50_ms": None, "p95_ms": None, "p99_ms": None}
 
 
 def read_locust_failures(csv_path: Path, name: str) -> list[str]:
+    import csv
+
     if not csv_path.is_file():
         return []
     with open(csv_path, newline="", encoding="utf-8") as handle:
@@ -253,76 +287,159 @@ def request_name(served_name: str) -> str:
 
 @dataclass
 class Phase:
-    regime: str
+    sentences_per_request: int
     round: int
+    users: int
     model: str  # the model name (teacher, student, ...)
     served_as: str  # what the requests asked for: an alias or an export directory name
-    users: int
+    export: str  # the export directory that answers it (the server's name for it in /metrics)
+
+    @property
+    def prefix(self) -> str:
+        return f"spr{self.sentences_per_request}-r{self.round}-u{self.users:03d}-{self.model}"
 
 
-def run_phase(phase: Phase, url: str, options: BenchOptions, sentences_path: Path, languages: tuple[str, str],
-              locust_dir: Path) -> dict[str, Any]:
-    """One headless locust run against one model; its numbers, read back from locust's own CSV."""
-    prefix = locust_dir / f"{phase.regime}-{phase.round:02d}-{phase.model}"
-    duration = max(1, round(options.duration))
-    spawn_rate = options.spawn_rate or phase.users
+@dataclass
+class PhaseContext:
+    """What every phase of one bench shares."""
+
+    server: Server
+    options: BenchOptions
+    plan: CpuPlan
+    sentences_path: Path
+    languages: tuple[str, str]
+    locust_dir: Path
+
+
+def locust_command(phase: Phase, ctx: PhaseContext, prefix: Path) -> list[str]:
+    options, duration = ctx.options, max(1, round(ctx.options.duration))
     command = [
-        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", url,
-        "--users", str(phase.users), "--spawn-rate", str(spawn_rate), "--run-time", f"{duration}s",
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", ctx.server.url,
+        "--users", str(phase.users), "--spawn-rate", str(phase.users), "--run-time", f"{duration}s",
         "--csv", str(prefix), "--html", f"{prefix}.html", "--only-summary",
         "--exit-code-on-error", "0", "--loglevel", "WARNING",
+        "--sentences", str(ctx.sentences_path), "--models", phase.served_as,
+        "--sentences-per-request", str(phase.sentences_per_request),
+        "--beam-size", str(options.beam_size), "--max-length", str(options.max_length),
+        "--source", ctx.languages[0], "--target", ctx.languages[1], "--client-stats", f"{prefix}_client",
     ]
-    env = {
-        **os.environ,
-        "WDSERVE_SENTENCES": str(sentences_path),
-        "WDSERVE_LOAD_MODELS": phase.served_as,
-        "WDSERVE_LOAD_SOURCE": languages[0],
-        "WDSERVE_LOAD_TARGET": languages[1],
-        "WDSERVE_LOAD_BEAM_SIZE": str(options.beam_size),
-        "WDSERVE_LOAD_MAX_LENGTH": str(options.max_length),
-        "WDSERVE_LOAD_BATCH": "1",
-    }
-    log.info("phase %s round %d: %s (%s), %d users, %ds", phase.regime, phase.round, phase.model,
-             phase.served_as, phase.users, duration)
+    if len(ctx.plan.load) > 1 and not ctx.plan.shared:
+        command += ["--processes", str(len(ctx.plan.load))]
+    return command
+
+
+def run_phase(phase: Phase, ctx: PhaseContext) -> dict[str, Any]:
+    """One headless locust run against one model: locust's numbers, the server's CPU and batches."""
+    prefix = ctx.locust_dir / phase.prefix
+    duration = max(1, round(ctx.options.duration))
+    accounted = ctx.server.pid is not None
+    metrics_before = scrape_metrics(ctx.server.url) if accounted else {}
+    cpu_before = process_cpu_seconds(ctx.server.pid) if accounted else 0.0
     with open(f"{prefix}.log", "w", encoding="utf-8") as locust_log:
+        process = subprocess.Popen(locust_command(phase, ctx, prefix), stdout=locust_log,
+                                   stderr=subprocess.STDOUT)
+        pin_process(process.pid, ctx.plan.load)
         try:
-            finished = subprocess.run(command, env=env, stdout=locust_log, stderr=subprocess.STDOUT,
-                                      timeout=duration + 120)
+            returncode = process.wait(timeout=duration + 120)
         except subprocess.TimeoutExpired as err:
-            raise SystemExit(f"locust did not finish within {duration + 120}s; see {prefix}.log") from err
+            stop_process(process)
+            raise BenchError(f"locust did not finish within {duration + 120}s; see {prefix}.log") from err
+    server_cpu_s = process_cpu_seconds(ctx.server.pid) - cpu_before if accounted else None
+    metrics_after = scrape_metrics(ctx.server.url) if accounted else {}
     stats_path = Path(f"{prefix}_stats.csv")
-    if finished.returncode != 0 or not stats_path.is_file():
+    if returncode != 0 or not stats_path.is_file():
         tail = Path(f"{prefix}.log").read_text(encoding="utf-8", errors="replace")[-3000:]
-        raise SystemExit(f"locust failed (exit code {finished.returncode}); {prefix}.log ends:\n{tail}")
+        raise BenchError(f"locust failed (exit code {returncode}); {prefix}.log ends:\n{tail}")
     name = request_name(phase.served_as)
     stats = read_locust_stats(stats_path, name)
-    tokens_path = Path(f"{prefix}_tokens.json")
-    counted = json.loads(tokens_path.read_text()).get(phase.served_as, {}) if tokens_path.is_file() else {}
-    tokens = counted.get("tokens", 0)
-    # tokens per request filed by locust (failures included, they produce none) times locust's own rate
-    tokens_per_s = stats["requests_per_s"] * tokens / stats["requests"] if stats["requests"] else 0.0
+    client = read_client_stats(Path(f"{prefix}_client"))
+    counted = client["models"].get(phase.served_as, {"responses": 0, "sentences": 0, "words": 0})
+    load_utilization = utilization(client["cpu_s"], client["wall_s"], len(ctx.plan.load))
     record = {
         **asdict(phase),
         "request_name": name,
         "duration_s": duration,
         **stats,
-        "tokens": tokens,
-        "tokens_per_s": round(tokens_per_s, 3),
+        # words of the translations per request received, times locust's own request rate
+        "words_per_s": round(stats["requests_per_s"] * counted["words"] / counted["responses"], 3)
+        if counted["responses"] else 0.0,
+        "sentences_per_s": round(stats["requests_per_s"] * phase.sentences_per_request, 3),
+        "load_cpu_s": round(client["cpu_s"], 3),
+        "load_processes": client["processes"],
+        "load_utilization": _round(load_utilization),
+        "valid": load_utilization is not None and load_utilization <= LOAD_SATURATED,
+        **server_accounting(phase, stats, server_cpu_s, client["wall_s"], ctx, metrics_before, metrics_after),
         "errors": read_locust_failures(Path(f"{prefix}_failures.csv"), name),
-        "files": {"stats_csv": stats_path.name, "html": Path(f"{prefix}.html").name},
+        "files": {"stats_csv": stats_path.name, "html": f"{prefix.name}.html"},
     }
-    log.info("phase %s round %d: %s done: %d requests, %d failures, %.2f req/s, %.1f tokens/s, "
-             "p50 %s ms, p95 %s ms, p99 %s ms", phase.regime, phase.round, phase.model, record["requests"],
-             record["failures"], record["requests_per_s"], record["tokens_per_s"], record["p50_ms"],
-             record["p95_ms"], record["p99_ms"])
+    log.info("%s: %.1f req/s, p50 %s p95 %s p99 %s ms, %d failures; server %s ms CPU/request, batch %s; "
+             "locust %.0f%% of %d core(s)%s", phase.prefix, record["requests_per_s"], record["p50_ms"],
+             record["p95_ms"], record["p99_ms"], record["failures"], record["server_cpu_ms_per_request"],
+             record["mean_batch_size"], 100 * (load_utilization or 0), len(ctx.plan.load),
+             "" if record["valid"] else " (load generator saturated: phase not valid)")
     return record
 
 
-def schedule(models: list[str], served: dict[str, str], options: BenchOptions) -> list[Phase]:
-    """Low-concurrency rounds, then saturation rounds; each round is teacher, student, ..."""
-    users = {"low": options.low_users, "saturation": options.users}
-    return [Phase(regime, r, m, served[m], users[regime])
-            for regime in REGIMES for r in range(options.phases) for m in models]
+def server_accounting(phase: Phase, stats: dict[str, Any], server_cpu_s: float | None, wall_s: float,
+                      ctx: PhaseContext, before: dict, after: dict) -> dict[str, Any]:
+    """The server's CPU per request and sentence, its busy fraction and its batches over one phase."""
+    if server_cpu_s is None:
+        return dict.fromkeys(("server_cpu_s", "server_utilization", "server_cpu_ms_per_request",
+                              "server_cpu_ms_per_sentence", "requests_per_s_per_core", "batches",
+                              "mean_batch_size"))
+    batches, batched = batches_between(before, after, phase.export)
+    cores = len(ctx.plan.server)
+    requests = stats["requests"]
+    return {
+        "server_cpu_s": round(server_cpu_s, 3),
+        "server_utilization": _round(utilization(server_cpu_s, wall_s, cores)),
+        "server_cpu_ms_per_request": _round(1000 * server_cpu_s / requests) if requests else None,
+        "server_cpu_ms_per_sentence": _round(1000 * server_cpu_s / (requests * phase.sentences_per_request))
+        if requests else None,
+        "requests_per_s_per_core": _round(stats["requests_per_s"] / cores),
+        "batches": int(batches),
+        "mean_batch_size": _round(batched / batches) if batches else None,
+    }
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sweep
+
+
+def sweep(ctx: PhaseContext, models: list[str], served: dict[str, str], exports: dict[str, str]
+          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every phase of the bench, and why each model's sweep ended, per (sentences per request, round)."""
+    options = ctx.options
+    phases: list[dict[str, Any]] = []
+    endings: list[dict[str, Any]] = []
+    for per_request in options.sentences_per_request:
+        for round_ in range(options.rounds):
+            climbing = list(models)
+            levels: dict[str, list[dict[str, Any]]] = {m: [] for m in models}
+            for users in options.users:
+                for model in climbing:
+                    record = run_phase(
+                        Phase(per_request, round_, users, model, served[model], exports[model]), ctx)
+                    phases.append(record)
+                    levels[model].append(record)
+                for model in list(climbing):
+                    reason = sweep_done(levels[model], options.min_gain)
+                    if reason:
+                        climbing.remove(model)
+                        endings.append({"sentences_per_request": per_request, "round": round_, "model": model,
+                                        "users": users, "reason": reason})
+                        log.info("sweep of %s (%d sentence(s)/request, round %d) ends at %d users: %s",
+                                 model, per_request, round_, users, reason)
+                if not climbing:
+                    break
+            endings += [{"sentences_per_request": per_request, "round": round_, "model": model,
+                         "users": options.users[-1], "reason": "last level of --users reached"}
+                        for model in climbing]
+    return phases, endings
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -363,68 +480,97 @@ def _run_bench(options: BenchOptions) -> dict[str, Any]:
     out = options.out_dir
     locust_dir = out / "locust"
     locust_dir.mkdir(parents=True, exist_ok=True)
-    for stale in locust_dir.glob("*"):  # phases of an earlier run would be mistaken for this one's
-        if stale.is_file() and stale.name.startswith(REGIMES):
+    for stale in locust_dir.glob("spr*"):  # phases of an earlier run would be mistaken for this one's
+        if stale.is_file():
             stale.unlink()
 
     exports = discover_exports(workdir)
     models = choose_models(exports, options.models)
-    options = replace(options, threads=options.threads or server_threads_per_model(len(exports)))
+    plan = CpuPlan.choose(available_cpus(), options.server_cpus, options.load_cpus)
+    if plan.shared:
+        log.warning("server and load generator share CPU(s) %s: fewer than 2 cores, or overlapping sets; "
+                    "throughput is then partly the load generator's", format_cpus(plan.server))
+    threads = options.threads or server_threads_per_model(len(exports), len(plan.server))
     sentences, references = read_test_set(workdir, options.max_sentences)
     sentences_path = out / "sentences.src"
     sentences_path.write_text("\n".join(sentences) + "\n", encoding="utf-8")
     teacher_export = next(e for e in exports if e.name == "teacher")
     languages = (teacher_export.source_lang, teacher_export.target_lang)
-    log.info("bench: %s against %s, %d sentences, beam %d, max length %d, %d thread(s) per direct run",
-             models[0], ", ".join(models[1:]), len(sentences), options.beam_size, options.max_length,
-             options.threads)
+    log.info("bench: %s against %s, %d sentences, beam %d; server on CPU(s) %s, load generator on %s, "
+             "%d thread(s) per direct run", models[0], ", ".join(models[1:]), len(sentences),
+             options.beam_size, format_cpus(plan.server), format_cpus(plan.load), threads)
 
-    direct = {}
-    for export in exports:
-        direct[export.dir_name] = measure_direct(
-            export, sentences, references, options.beam_size, options.max_length,
-            batch_size=options.direct_batch_size, threads=options.threads,
-            min_seconds=options.direct_seconds,
-        )
-        d = direct[export.dir_name]
-        log.info("direct CTranslate2 %s: %.1f sentences/s, %.1f tokens/s, p50 %.1f ms, BLEU %.2f, chrF %.2f",
-                 export.dir_name, d["sentences_per_s"], d["tokens_per_s"], d["p50_ms"], d["bleu"], d["chrf"])
-    if options.pytorch:
-        pytorch = measure_pytorch_teacher(workdir / "models" / "teacher" / "checkpoint_best.pt", sentences,
-                                          references, options.beam_size, threads=options.threads)
-        if "skipped" not in pytorch:
-            log.info("PyTorch teacher: %.1f sentences/s, BLEU %.2f, chrF %.2f", pytorch["sentences_per_s"],
-                     pytorch["bleu"], pytorch["chrf"])
-    else:
-        pytorch = {"skipped": "PyTorch baseline not requested (--no-pytorch)"}
+    direct: dict[str, dict[str, Any]] = {}
+    with pinned(plan.server):
+        for export in exports:
+            direct[export.dir_name] = d = measure_direct(
+                export, sentences, references, options.beam_size, options.max_length,
+                batch_size=options.direct_batch_size, threads=threads, min_seconds=options.direct_seconds)
+            log.info("direct CTranslate2 %s: %.1f sentences/s, p50 %.1f ms, BLEU %.2f, chrF %.2f",
+                     export.dir_name, d["sentences_per_s"], d["p50_ms"], d["bleu"], d["chrf"])
+        if options.pytorch:
+            checkpoint = workdir / "models" / "teacher" / "checkpoint_best.pt"
+            pytorch = measure_pytorch_teacher(checkpoint, sentences, references, options.beam_size,
+                                              threads=threads)
+        else:
+            pytorch = {"skipped": "PyTorch baseline not requested (--no-pytorch)"}
 
-    with _server(options, out) as url:
-        served_names = {m: f"{m}-{options.quantization}" if options.quantization else m for m in models}
-        served = _resolve_exports(url, served_names, exports)
-        _warm_up(url, served_names, languages, options)
-        phases = [run_phase(phase, url, options, sentences_path, languages, locust_dir)
-                  for phase in schedule(models, served_names, options)]
+    with _server(options, out, plan) as server:
+        served = {m: f"{m}-{options.quantization}" if options.quantization else m for m in models}
+        served_exports = _resolve_exports(server.url, served, exports)
+        _warm_up(server.url, served, languages, options)
+        ctx = PhaseContext(server, options, plan, sentences_path, languages, locust_dir)
+        phases, endings = sweep(ctx, models, served, served_exports)
 
-    report = build_report(options, models, served, exports, direct, pytorch, phases, url)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    equal_terms = _direct_at_server_batches(phases, exports, served_exports, sentences, options, plan,
+                                            threads)
+    report = build_report(options, plan, threads, models, served_exports, exports, direct, pytorch, phases,
+                          endings, equal_terms, server.url)
     report["plots"] = write_plots(report, out)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     write_markdown(report, out / "report.md")
-    log.info("%s", report["verdict"])
+    for line in report["verdict"]:
+        log.info("%s", line)
     log.info("report written to %s (report.json, report.md, %s)", out, ", ".join(report["plots"]))
     return report
 
 
+def _direct_at_server_batches(phases: list[dict[str, Any]], exports: list[ExportInfo],
+                              served_exports: dict[str, str], sentences: list[str], options: BenchOptions,
+                              plan: CpuPlan, threads: int) -> dict[str, dict[str, Any]]:
+    """Direct CTranslate2 on the server's cores and threads, at the batch size the server itself formed
+    for each model at its peak (keyed ``"<export>@<batch size>"``); what the service is priced against."""
+    from loadtest.report import peak_phase
+
+    by_dir = {e.dir_name: e for e in exports}
+    wanted: set[tuple[str, int]] = set()
+    for model, export in served_exports.items():
+        for per_request in options.sentences_per_request:
+            best = peak_phase(phases, model, per_request)
+            if best is not None and best["mean_batch_size"]:
+                wanted.add((export, max(1, round(best["mean_batch_size"]))))
+    results = {}
+    with pinned(plan.server):
+        for export, batch_size in sorted(wanted):
+            results[f"{export}@{batch_size}"] = r = measure_direct_cpu(
+                by_dir[export], sentences, options.beam_size, options.max_length, batch_size, threads,
+                options.direct_seconds)
+            log.info("direct CTranslate2 %s at batch %d: %.1f sentences/s, %.3f ms CPU per sentence",
+                     export, batch_size, r["sentences_per_s"], r["cpu_ms_per_sentence"])
+    return results
+
+
 @contextmanager
-def _server(options: BenchOptions, out: Path) -> Iterator[str]:
+def _server(options: BenchOptions, out: Path, plan: CpuPlan) -> Iterator[Server]:
     if options.url:
         url = options.url.rstrip("/")
         wait_ready(url, options.server_timeout)
-        yield url
+        log.warning("benching a server the bench did not start (%s): its CPU time is not accounted", url)
+        yield Server(url, None)
     else:
         with running_server(Path(options.workdir), out / "server.log", options.server_timeout,
-                            options.server_args) as url:
-            yield url
+                            options.server_args, None if plan.shared else plan.server) as server:
+            yield server
 
 
 def _resolve_exports(url: str, served_names: dict[str, str], exports: list[ExportInfo]) -> dict[str, str]:
@@ -432,30 +578,28 @@ def _resolve_exports(url: str, served_names: dict[str, str], exports: list[Expor
     try:
         listing = http_get_json(f"{url}/models")
     except (OSError, ValueError) as err:
-        raise SystemExit(f"cannot read {url}/models: {err}") from err
+        raise BenchError(f"cannot read {url}/models: {err}") from err
     dirs = [e.dir_name for e in exports]
     resolved = {}
     for model, served_name in served_names.items():
         found = served_export(listing, served_name, dirs)
         if found is None:
-            raise SystemExit(f"the server at {url} does not list {served_name!r} in /models "
+            raise BenchError(f"the server at {url} does not list {served_name!r} in /models "
                              f"(local exports: {', '.join(dirs)}); is it serving {served_name}?")
         resolved[model] = found
         log.info("%s is served by export %s", served_name, found)
     return resolved
 
 
-def _warm_up(
-    url: str, served_names: dict[str, str], languages: tuple[str, str], options: BenchOptions
-) -> None:
+def _warm_up(url: str, served_names: dict[str, str], languages: tuple[str, str],
+             options: BenchOptions) -> None:
     """One request per model before any phase, so lazy loading never lands in a measurement."""
     for served_name in served_names.values():
-        payload = {"q": "warm up", "source": languages[0], "target": languages[1], "format": "text",
-                   "model": served_name, "beam_size": options.beam_size, "max_length": options.max_length}
+        payload = {"q": "warm up", "source": languages[0], "target": languages[1], "model": served_name,
+                   "beam_size": options.beam_size, "max_length": options.max_length}
         try:
             http_post_json(f"{url}/translate", payload)
         except urllib.error.HTTPError as err:
             body = err.read().decode("utf-8", errors="replace")[:300]
-            raise SystemExit(
-                f"POST {url}/translate for {served_name!r} failed: HTTP {err.code} {body}"
-            ) from err
+            raise BenchError(
+                f"POST {url}/translate for {served_name!r} failed: HTTP {err.code} {body}") from err

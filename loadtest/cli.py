@@ -30,12 +30,39 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _rising(text: str) -> tuple[int, ...]:
+    values = _counts(text)
+    if list(values) != sorted(set(values)):
+        raise argparse.ArgumentTypeError(f"user counts must rise: {text!r}")
+    return values
+
+
+def _cpus(text: str) -> tuple[int, ...]:
+    from loadtest.accounting import parse_cpus
+
+    try:
+        return parse_cpus(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def configure_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, required=True,
                         help="pipeline run directory (reads data/test.*, export/*, models/teacher)")
     parser.add_argument("--out", type=Path, default=None, help="report directory (default DIR/bench)")
     parser.add_argument("--url", default=None,
-                        help="bench a running server at this URL instead of starting one on a free port")
+                        help="bench a running server at this URL instead of starting one on a free port "
+                             "(its CPU time is then not accounted)")
     parser.add_argument("--models", type=_names, default=None,
                         help="comma-separated model names, teacher included (default: every exported model)")
     parser.add_argument("--quantization", default=None,
@@ -46,25 +73,36 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
                              "evaluation)")
     parser.add_argument("--max-length", type=_positive_int, default=256,
                         help="max_length of every request and direct run (default 256)")
-    parser.add_argument("--phases", type=_positive_int, default=3,
-                        help="rounds per regime; a round is one phase per model, teacher first (default 3)")
-    parser.add_argument("--duration", type=_positive_float, default=30.0,
-                        help="seconds per phase (default 30; locust counts whole seconds)")
-    parser.add_argument("--low-users", type=_positive_int, default=1,
-                        help="concurrent users of the latency regime (default 1)")
-    parser.add_argument("--users", type=_positive_int, default=16,
-                        help="concurrent users of the saturation regime (default 16)")
-    parser.add_argument("--spawn-rate", type=_positive_float, default=None,
-                        help="users started per second (default: all at once)")
+    parser.add_argument("--users", type=_rising, default=None,
+                        help="closed-loop user counts of the sweep, rising (default 1,2,4,8,16,32,64,128); a "
+                             "model stops once its throughput stops rising")
+    parser.add_argument("--min-gain", type=_positive_float, default=0.05,
+                        help="a level adding less than this fraction of throughput ends a model's sweep "
+                             "(default 0.05)")
+    parser.add_argument("--slo-ms", type=_positive_float, default=100.0,
+                        help="p95 latency objective of one request; capacity = most requests/s within it "
+                             "(default 100)")
+    parser.add_argument("--sentences-per-request", type=_counts, default=(1,),
+                        help="comma-separated sentences per request, a sweep each (default 1; e.g. 1,8)")
+    parser.add_argument("--rounds", type=_positive_int, default=2,
+                        help="sweeps per sentences-per-request value; the spread over rounds is reported "
+                             "(default 2)")
+    parser.add_argument("--duration", type=_positive_float, default=15.0,
+                        help="seconds per phase (default 15; locust counts whole seconds)")
+    parser.add_argument("--server-cpus", type=_cpus, default=None,
+                        help="CPU list of the server, e.g. 0-5 (default: all but the load generator's)")
+    parser.add_argument("--load-cpus", type=_cpus, default=None,
+                        help="CPU list of locust, e.g. 6,7 (default: the last quarter of the cores, at least "
+                             "one); several cores run locust with --processes")
     parser.add_argument("--max-sentences", type=int, default=500,
                         help="first N test sentences (default 500; 0 = all)")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads of the direct CTranslate2 and PyTorch runs (default 0: what a "
-                             "default `wdserve serve` gives one model, cores // min(models, cores))")
+                             "default `wdserve serve` on the server's cores gives one model)")
     parser.add_argument("--direct-batch-size", type=_positive_int, default=32,
-                        help="batch size of the direct CTranslate2 throughput run (default 32)")
+                        help="batch size of the direct run over every export (default 32)")
     parser.add_argument("--direct-seconds", type=float, default=3.0,
-                        help="repeat each direct CTranslate2 throughput run at least this long (default 3)")
+                        help="repeat each direct CTranslate2 run at least this long (default 3)")
     parser.add_argument("--no-pytorch", dest="pytorch", action="store_false",
                         help="skip the PyTorch teacher baseline")
     parser.add_argument("--server-timeout", type=_positive_float, default=180.0,
@@ -75,16 +113,24 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from loadtest.bench import BenchOptions
+    import sys
+
+    from loadtest.accounting import BenchError
+    from loadtest.bench import DEFAULT_USERS, BenchOptions
     from loadtest.bench import run_bench as bench
 
     options = BenchOptions(
         workdir=args.workdir, out=args.out, url=args.url, models=args.models, quantization=args.quantization,
-        beam_size=args.beam_size, max_length=args.max_length, phases=args.phases, duration=args.duration,
-        low_users=args.low_users, users=args.users, spawn_rate=args.spawn_rate,
+        beam_size=args.beam_size, max_length=args.max_length, rounds=args.rounds, duration=args.duration,
+        users=args.users or DEFAULT_USERS, sentences_per_request=args.sentences_per_request,
+        slo_ms=args.slo_ms, min_gain=args.min_gain, server_cpus=args.server_cpus, load_cpus=args.load_cpus,
         max_sentences=args.max_sentences, threads=args.threads, direct_batch_size=args.direct_batch_size,
         direct_seconds=args.direct_seconds, pytorch=args.pytorch, server_timeout=args.server_timeout,
         server_args=args.server_args,
     )
-    bench(options)
+    try:
+        bench(options)
+    except BenchError as err:
+        print(f"wdserve bench: {err}", file=sys.stderr)
+        return 1
     return 0

@@ -20,56 +20,31 @@ def _colors(names: list[str]) -> dict[str, Any]:
     return {name: cycle[i % len(cycle)] for i, name in enumerate(names)}
 
 
-def plot_latency(report: dict[str, Any], path: Path) -> None:
-    """Latency CDF per model from locust's percentile columns, one line per phase, both regimes."""
-    plt = _pyplot()
-    colors = _colors(list(report["models"]))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, regime in zip(axes, ("low", "saturation"), strict=True):
-        labelled = set()
-        for phase in (p for p in report["phases"] if p["regime"] == regime):
-            points = sorted((ms, float(q.rstrip("%"))) for q, ms in phase["percentiles_ms"].items()
-                            if ms is not None)
-            if not points:
-                continue
-            label = None if phase["model"] in labelled else phase["model"]
-            labelled.add(phase["model"])
-            ax.plot([ms for ms, _ in points], [q for _, q in points], marker=".", alpha=0.8,
-                    color=colors[phase["model"]], label=label)
-        users = report["settings"]["low_users" if regime == "low" else "users"]
-        ax.set_title(f"{regime} ({users} user{'s' if users > 1 else ''})")
-        ax.set_xlabel("latency (ms)")
-        ax.grid(alpha=0.3)
-        if labelled:
-            ax.legend()
-    axes[0].set_ylabel("percentile of requests")
-    fig.suptitle("Latency distribution per model (one line per phase)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_throughput(report: dict[str, Any], path: Path) -> None:
-    """Saturation requests/s and tokens/s per model: median bar, min-max over phases as error bar."""
+def plot_curves(report: dict[str, Any], path: Path) -> None:
+    """Throughput against p95 latency, one line per model, one panel per sentences-per-request value;
+    each point a user count (median over rounds), the SLO a dashed line."""
     plt = _pyplot()
     models = list(report["models"])
     colors = _colors(models)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    panels = (("requests_per_s", "requests/s"), ("tokens_per_s", "tokens/s"))
-    for ax, (key, label) in zip(axes, panels, strict=True):
-        medians, low_err, high_err = [], [], []
+    keys = [str(k) for k in report["settings"]["sentences_per_request"]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(6.5 * len(keys), 4.6), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
         for model in models:
-            values = [p[key] for p in report["phases"] if p["model"] == model and p["regime"] == "saturation"]
-            median = report["models"][model]["http"]["saturation"][key] or 0.0
-            medians.append(median)
-            # the summary median is rounded: clamp so that rounding never yields a negative whisker
-            low_err.append(max(0.0, median - min(values, default=median)))
-            high_err.append(max(0.0, max(values, default=median) - median))
-        ax.bar(models, medians, yerr=[low_err, high_err], capsize=6, color=[colors[m] for m in models])
-        ax.set_ylabel(label)
-        ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"Throughput at saturation ({report['settings']['users']} users; bar: median, "
-                 "whiskers: min-max over phases)")
+            points = [pt for pt in report["models"][model]["by_sentences_per_request"][key]["curve"]
+                      if pt["requests_per_s"] is not None and pt["p95_ms"] is not None]
+            ax.plot([pt["requests_per_s"] for pt in points], [pt["p95_ms"] for pt in points], marker="o",
+                    color=colors[model], label=model)
+            for pt in points:
+                ax.annotate(str(pt["users"]), (pt["requests_per_s"], pt["p95_ms"]),
+                            textcoords="offset points", xytext=(3, 3), fontsize=7, color=colors[model])
+        ax.axhline(report["settings"]["slo_ms"], linestyle="--", color="grey", linewidth=1, label="SLO (p95)")
+        ax.set_yscale("log")
+        ax.set_xlabel("requests/s")
+        ax.set_ylabel("p95 latency (ms, log scale)")
+        ax.set_title(f"{key} sentence(s) per request (labels: users)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Throughput against latency as load rises, server on its own cores")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -119,8 +94,8 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
 
 
 def write_plots(report: dict[str, Any], out: Path) -> list[str]:
-    """Writes the three PNGs into ``out`` and returns their names."""
-    plots = {"latency.png": plot_latency, "throughput.png": plot_throughput, "pareto.png": plot_pareto}
+    """Writes the PNGs into ``out`` and returns their names."""
+    plots = {"curves.png": plot_curves, "pareto.png": plot_pareto}
     for name, plot in plots.items():
         plot(report, Path(out) / name)
     return list(plots)

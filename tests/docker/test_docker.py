@@ -385,7 +385,7 @@ def test_bench_runs_without_pytorch_on_the_pipeline_test_set(compose: dict[str, 
     assert args.pytorch is False
     assert args.url.startswith("http://balancer:")
     # plain `locust -f loadtest/locustfile.py` in the same container reads the pipeline's test set
-    assert env_of(bench)["WDSERVE_SENTENCES"] == f"{args.workdir}/data/test.src"
+    assert env_of(bench)["LOCUST_SENTENCES"] == f"{args.workdir}/data/test.src"
 
 
 def test_multi30k_data_is_mounted_read_only_where_the_pipeline_looks() -> None:

@@ -1,7 +1,8 @@
 """``wdserve bench`` and the locustfile, run for a few seconds on the tiny pipeline's models.
 
 Nothing here asserts a speed: a slow machine must not fail. The tests check that the
-machinery runs end to end and that the report says what locust's own CSV says.
+machinery runs end to end, keeps the server and locust on their own cores, and that the
+report says what locust's own CSV, the locustfile's client stats and the server's CPU say.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+import psutil
 import pytest
 
 pytest.importorskip("locust")
@@ -22,7 +24,9 @@ pytest.importorskip("server.app", reason="the server (server/app.py) is needed t
 
 from loadtest.bench import LOCUSTFILE, BenchOptions, request_name, run_bench, running_server  # noqa: E402
 
-MODELS = ("teacher", "student", "student-kd")
+MODELS = ("teacher", "student")
+USERS = (1, 2)
+PER_REQUEST = (1, 2)
 
 
 def locust_row(stats_csv: Path, name: str) -> dict[str, str]:
@@ -37,72 +41,97 @@ def locust_row(stats_csv: Path, name: str) -> dict[str, str]:
 def bench(tiny_workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("bench")
     options = BenchOptions(
-        workdir=tiny_workdir, out=out, duration=2, phases=1, low_users=1, users=2, max_sentences=12,
-        beam_size=1, max_length=16, threads=1, direct_seconds=0.2, server_timeout=120,
+        workdir=tiny_workdir, out=out, models=list(MODELS), duration=2, rounds=1, users=USERS,
+        sentences_per_request=PER_REQUEST, min_gain=0.0, max_sentences=12, beam_size=1, max_length=16,
+        direct_seconds=0.2, server_timeout=120, slo_ms=10_000,
     )
     return run_bench(options), out
 
 
 def test_bench_writes_every_report_file(bench: tuple[dict, Path]):
     report, out = bench
-    for name in ("report.json", "report.md", "latency.png", "throughput.png", "pareto.png"):
+    for name in ("report.json", "report.md", "curves.png", "pareto.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     for png in report["plots"]:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "report.json").read_text()) == report
-    assert len(report["phases"]) == 2 * len(MODELS)  # one round per regime
-    for phase in report["phases"]:
-        assert (out / "locust" / phase["files"]["stats_csv"]).is_file()
-        assert (out / "locust" / phase["files"]["html"]).is_file()
     markdown = (out / "report.md").read_text()
-    assert report["verdict"] in markdown and "1.88-2.94x" in report["verdict"]
+    for line in report["verdict"]:
+        assert line in markdown and "1.88-2.94x" in line
     for model in MODELS:
         assert f"| {model} |" in markdown
+    for target in report["targets"]:
+        assert target["status"] in ("met", "missed", "not measured") and target["target"] in markdown
 
 
-def test_phases_alternate_teacher_and_students_in_each_regime(bench: tuple[dict, Path]):
+def test_phases_alternate_models_at_every_level(bench: tuple[dict, Path]):
     report, _ = bench
-    order = [(p["regime"], p["model"]) for p in report["phases"]]
-    assert order == [(regime, m) for regime in ("low", "saturation") for m in MODELS]
-    assert {p["users"] for p in report["phases"] if p["regime"] == "low"} == {1}
-    assert {p["users"] for p in report["phases"] if p["regime"] == "saturation"} == {2}
+    order = [(p["sentences_per_request"], p["users"], p["model"]) for p in report["phases"]]
+    # min_gain 0 keeps every model climbing unless its throughput fell
+    assert order[:2] == [(1, 1, "teacher"), (1, 1, "student")]
+    for per_request in PER_REQUEST:
+        for users in USERS:
+            level = [m for k, u, m in order if (k, u) == (per_request, users)]
+            assert level in ([], list(MODELS), ["teacher"], ["student"]), level
+    assert {e["reason"] for e in report["sweep_endings"]} <= {
+        "throughput stopped rising", "last level of --users reached", "load generator saturated"}
 
 
-def test_report_numbers_match_locusts_csv(bench: tuple[dict, Path]):
+def test_report_numbers_match_locusts_csv_and_the_client_stats(bench: tuple[dict, Path]):
     report, out = bench
     for phase in report["phases"]:
-        row = locust_row(out / "locust" / phase["files"]["stats_csv"], request_name(phase["served_as"]))
+        prefix = out / "locust" / phase["files"]["stats_csv"].removesuffix("_stats.csv")
+        row = locust_row(Path(f"{prefix}_stats.csv"), request_name(phase["served_as"]))
         assert phase["requests"] == int(row["Request Count"]) > 0
         assert phase["failures"] == int(row["Failure Count"]) == 0, phase["errors"]
-        assert phase["p50_ms"] == float(row["50%"])
-        assert phase["p99_ms"] == float(row["99%"])
+        assert phase["p50_ms"] == float(row["50%"]) and phase["p99_ms"] == float(row["99%"])
         assert phase["requests_per_s"] == pytest.approx(float(row["Requests/s"]))
-        tokens = json.loads((out / "locust" / phase["files"]["stats_csv"].replace(
-            "_stats.csv", "_tokens.json")).read_text())[phase["served_as"]]
-        assert tokens["responses"] == phase["requests"] and phase["tokens"] == tokens["tokens"] > 0
-        assert phase["tokens_per_s"] == pytest.approx(
-            float(row["Requests/s"]) * tokens["tokens"] / int(row["Request Count"]), rel=1e-3)
-    for model, summary in report["models"].items():
-        for regime in ("low", "saturation"):
-            phases = [p for p in report["phases"] if p["model"] == model and p["regime"] == regime]
-            assert summary["http"][regime]["requests"] == sum(p["requests"] for p in phases)
-    teacher, student = (next(p for p in report["phases"] if p["regime"] == "saturation" and p["model"] == m)
-                        for m in ("teacher", "student"))
-    ratio = report["comparisons"]["student"]["throughput_ratio"]
-    assert ratio["median"] == pytest.approx(student["requests_per_s"] / teacher["requests_per_s"], rel=1e-3)
+        clients = [json.loads(p.read_text()) for p in out.glob(f"locust/{prefix.name}_client.*.json")]
+        assert len(clients) == phase["load_processes"] >= 1
+        counted = clients[0]["models"][phase["served_as"]]
+        assert counted["sentences"] == counted["responses"] * phase["sentences_per_request"]
+        assert phase["words_per_s"] == pytest.approx(
+            float(row["Requests/s"]) * counted["words"] / counted["responses"], rel=1e-3)
+        assert phase["load_cpu_s"] == pytest.approx(sum(c["cpu_s"] for c in clients), abs=1e-3)
+        assert phase["load_utilization"] > 0 and phase["valid"] == (phase["load_utilization"] <= 0.9)
 
 
-def test_direct_baselines_and_quality_cover_every_export(bench: tuple[dict, Path], tiny_workdir: Path):
+def test_server_cpu_and_batches_are_accounted_per_phase(bench: tuple[dict, Path]):
     report, _ = bench
-    exports = sorted(p.name for p in (tiny_workdir / "export").iterdir())
-    assert sorted(report["direct"]) == exports
-    for direct in report["direct"].values():
-        assert direct["sentences"] == 12 and direct["sentences_per_s"] > 0
-        assert 0 <= direct["bleu"] <= 100 and 0 <= direct["chrf"] <= 100
-    for model, summary in report["models"].items():
-        assert summary["export"] == f"{model}-int8"  # the server's default preferred quantization
-        assert summary["server_efficiency"] > 0
-    assert report["pytorch_teacher"]["sentences"] == 12 and report["pytorch_teacher"]["sentences_per_s"] > 0
+    for phase in report["phases"]:
+        assert phase["server_cpu_s"] > 0
+        assert phase["server_cpu_ms_per_request"] == pytest.approx(
+            1000 * phase["server_cpu_s"] / phase["requests"], rel=1e-3)
+        assert phase["server_cpu_ms_per_sentence"] == pytest.approx(
+            phase["server_cpu_ms_per_request"] / phase["sentences_per_request"], rel=1e-3)
+        # the server cannot batch more sentences than its users have in flight
+        assert 1 <= phase["mean_batch_size"] <= phase["users"] * phase["sentences_per_request"]
+    for summary in report["models"].values():
+        for per_request in map(str, PER_REQUEST):
+            figures = summary["by_sentences_per_request"][per_request]
+            direct = figures["direct_equal_terms"]
+            assert direct is not None and direct["threads"] == report["cpus"]["direct_threads"]
+            assert direct["batch_size"] == max(1, round(figures["mean_batch_size_at_peak"]))
+            assert figures["overhead_ms_per_request"] == pytest.approx(
+                figures["server_cpu_ms_per_request"] - int(per_request) * direct["cpu_ms_per_sentence"],
+                abs=1e-3)
+
+
+def test_server_and_load_generator_get_disjoint_cores(bench: tuple[dict, Path]):
+    report, _ = bench
+    cpus = report["cpus"]
+    if len(os.sched_getaffinity(0)) < 2:
+        assert cpus["shared"]
+    else:
+        assert not cpus["shared"] and not set(cpus["server"]) & set(cpus["load"])
+
+
+def test_a_pinned_server_runs_every_thread_on_its_cores(tiny_workdir: Path, tmp_path: Path):
+    cores = (min(os.sched_getaffinity(0)),)
+    with running_server(tiny_workdir, tmp_path / "server.log", 120, [], cpus=cores) as server:
+        threads = psutil.Process(server.pid).threads()
+        assert len(threads) > 1
+        assert {tuple(sorted(os.sched_getaffinity(t.id))) for t in threads} == {cores}
 
 
 def test_bench_leaves_no_server_running(bench: tuple[dict, Path]):
@@ -114,28 +143,28 @@ def test_bench_leaves_no_server_running(bench: tuple[dict, Path]):
 
 
 def test_locustfile_runs_standalone_headless(tiny_workdir: Path, tmp_path: Path):
-    env = {**os.environ, "WDSERVE_SENTENCES": str(tiny_workdir / "data" / "test.src"),
-           "WDSERVE_LOAD_MODELS": "teacher,student", "WDSERVE_LOAD_MAX_LENGTH": "16"}
-    for key in ("WDSERVE_LOAD_SOURCE", "WDSERVE_LOAD_TARGET"):  # languages come from GET /models
-        env.pop(key, None)
-    with running_server(tiny_workdir, tmp_path / "server.log", timeout=120, extra_args=[]) as url:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")}
+    with running_server(tiny_workdir, tmp_path / "server.log", timeout=120, extra_args=[]) as server:
         result = subprocess.run(
-            [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", url, "-u", "2",
-             "-r", "2", "-t", "2s", "--csv", str(tmp_path / "run"), "--only-summary"],
+            [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", server.url,
+             "-u", "2", "-r", "2", "-t", "2s", "--csv", str(tmp_path / "run"), "--only-summary",
+             "--sentences", str(tiny_workdir / "data" / "test.src"), "--models", "teacher,student",
+             "--max-length", "16", "--client-stats", str(tmp_path / "client")],
             env=env, capture_output=True, text=True, timeout=120,
         )
     assert result.returncode == 0, result.stderr[-3000:]
-    for model in ("teacher", "student"):  # one user class per model, requests named by model
+    for model in ("teacher", "student"):  # users take the models in turn; languages from GET /models
         row = locust_row(tmp_path / "run_stats.csv", request_name(model))
         assert int(row["Request Count"]) > 0 and int(row["Failure Count"]) == 0
-    assert set(json.loads((tmp_path / "run_tokens.json").read_text())) == {"teacher", "student"}
+    (client,) = tmp_path.glob("client.*.json")
+    assert set(json.loads(client.read_text())["models"]) == {"teacher", "student"}
 
 
-def test_locustfile_says_what_to_set_when_the_sentences_are_missing(tmp_path: Path):
-    env = {**os.environ, "WDSERVE_SENTENCES": str(tmp_path / "absent.src")}
+def test_locustfile_says_what_to_give_when_the_sentences_are_missing(tmp_path: Path):
     result = subprocess.run(
-        [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", "http://127.0.0.1:9",
-         "-t", "1s"], env=env, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host",
+         "http://127.0.0.1:9", "-t", "1s", "--sentences", str(tmp_path / "absent.src")],
+        capture_output=True, text=True, timeout=120,
     )
     assert result.returncode != 0
-    assert "absent.src" in result.stderr and "WDSERVE_SENTENCES" in result.stderr
+    assert "absent.src" in result.stderr and "--sentences" in result.stderr

@@ -63,7 +63,7 @@ log = logging.getLogger("wdserve.bench")
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 SERVE_COMMAND = [sys.executable, "-m", "wdserve.cli", "serve"]  # `wdserve serve` of this interpreter
-DEFAULT_USERS = (1, 2, 4, 8, 16, 32, 64, 128)
+DEFAULT_USERS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)  # 1.5x steps near saturation
 
 
 @dataclass

@@ -74,8 +74,8 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=_positive_int, default=256,
                         help="max_length of every request and direct run (default 256)")
     parser.add_argument("--users", type=_rising, default=None,
-                        help="closed-loop user counts of the sweep, rising (default 1,2,4,8,16,32,64,128); a "
-                             "model stops once its throughput stops rising")
+                        help="closed-loop user counts of the sweep, rising (default "
+                             "1,2,4,8,16,24,32,48,64,96,128); a model stops once its throughput stops rising")
     parser.add_argument("--min-gain", type=_positive_float, default=0.05,
                         help="a level adding less than this fraction of throughput ends a model's sweep "
                              "(default 0.05)")

@@ -8,9 +8,17 @@ import time
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 from serve_helpers import SENTENCE, metric, run, serving, settings_for
 
 from server.models import ModelRegistry
+from server.schemas import CompareResponse, TranslateResponse
+
+
+def rendered_from(model: type[BaseModel], body: dict) -> bool:
+    """The body is exactly what rendering the route's response model would give (the routes render it
+    themselves, so nothing else checks it against the documented schema)."""
+    return model.model_validate(body).model_dump(mode="json", exclude_none=True) == body
 
 
 def test_every_route_answers(tiny_workdir: Path, registry: ModelRegistry) -> None:
@@ -49,6 +57,7 @@ def test_libretranslate_shape_string_and_list(tiny_workdir: Path, registry: Mode
             assert body["model"] == "student-int8"  # default "student" resolved to the int8 variant
             assert set(body["timing"]) == {"total_ms", "queue_ms", "translate_ms"}
             assert "detectedLanguage" not in body
+            assert rendered_from(TranslateResponse, body)
 
             many = await client.post("/translate", json={
                 "q": [SENTENCE, "this child helps a tree"], "source": "auto", "target": "yy",
@@ -58,6 +67,7 @@ def test_libretranslate_shape_string_and_list(tiny_workdir: Path, registry: Mode
             assert isinstance(body["translatedText"], list) and len(body["translatedText"]) == 2
             assert body["model"] == "teacher-int8"
             assert body["detectedLanguage"] == {"confidence": 100.0, "language": "xx"}
+            assert rendered_from(TranslateResponse, body)
 
             # LibreTranslate's Python client posts form-encoded fields
             form = await client.post("/translate", data={"q": SENTENCE, "source": "xx", "target": "yy"})
@@ -103,6 +113,7 @@ def test_compare_runs_both_models(tiny_workdir: Path, registry: ModelRegistry) -
             results = default.json()["results"]
             assert [r["model"] for r in results] == ["teacher-int8", "student-int8"]
             assert all(isinstance(r["translatedText"], str) and r["timing"]["total_ms"] > 0 for r in results)
+            assert rendered_from(CompareResponse, default.json())
 
             chosen = await client.post("/translate/compare", json={
                 "q": [SENTENCE], "models": ["student-kd", "teacher-float32"], "beam_size": 1})
@@ -309,6 +320,9 @@ def test_openapi_documents_every_route_and_error(tiny_workdir: Path, registry: M
                 schema["properties"])
             error = operation["responses"]["503"]["content"]["application/json"]["schema"]
             assert error == {"$ref": "#/components/schemas/ErrorResponse"}
+        for route, model in (("/translate", "TranslateResponse"), ("/translate/compare", "CompareResponse")):
+            ok = paths[route]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+            assert ok == {"$ref": f"#/components/schemas/{model}"}
         json.dumps(spec)
 
     run(scenario())

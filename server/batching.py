@@ -133,15 +133,23 @@ class Batcher:
         self._on_queue(self.model, self.depth)
         self._wakeup.set()
         futures = [item.future for item in items]
+        # a timer that fails the futures costs less than wait_for's extra future and callbacks
+        timer = loop.call_later(timeout_s, self._expire, futures, timeout_s)
         try:
-            return await asyncio.wait_for(asyncio.gather(*futures), timeout=timeout_s)
-        except asyncio.TimeoutError as err:
-            raise DeadlineExceeded(
-                f"model {self.model!r} did not answer within {timeout_s:g} s") from err
+            if len(futures) == 1:  # most requests: no gather either
+                return [await futures[0]]
+            return await asyncio.gather(*futures)
         finally:
+            timer.cancel()
             for future in futures:  # a failed or timed-out request withdraws its other sentences
                 if not future.done():
                     future.cancel()
+
+    def _expire(self, futures: list[asyncio.Future], timeout_s: float) -> None:
+        error = DeadlineExceeded(f"model {self.model!r} did not answer within {timeout_s:g} s")
+        for future in futures:
+            if not future.done():
+                future.set_exception(error)
 
     def _take_batch(self) -> list[_Item]:
         """Removes the next batch from the queue: oldest item's key, size and token budget respected."""

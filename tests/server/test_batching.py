@@ -91,14 +91,17 @@ def test_a_request_larger_than_the_queue_runs_when_the_queue_is_empty() -> None:
     assert len(results) == 5
 
 
-def test_deadline_in_queue_fails_fast_and_never_reaches_the_model() -> None:
+@pytest.mark.parametrize("late", [[["late"]], [["late"], ["later"]]], ids=["one sentence", "two sentences"])
+def test_deadline_in_queue_fails_fast_and_never_reaches_the_model(late: list[list[str]]) -> None:
     model = FakeModel(delay_s=0.3)
 
     async def scenario(batcher: Batcher):
         blocker = asyncio.create_task(batcher.translate([["slow"]], 1, 10, timeout_s=5))
         await asyncio.sleep(0.05)
-        with pytest.raises(DeadlineExceeded):
-            await batcher.translate([["late"]], 1, 10, timeout_s=0.1)
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="did not answer within 0.1 s"):
+            await batcher.translate(late, 1, 10, timeout_s=0.1)
+        assert time.monotonic() - started < 0.25  # at its deadline, not when the blocker's batch ends
         await blocker
         return None
 

@@ -37,6 +37,23 @@ class ServerMetrics:
         self.tokens_per_second = Gauge("wdserve_tokens_per_second",
                                        "output tokens per second of the latest batch", ["model"], registry=r)
         self.sentences = Counter("wdserve_sentences", "sentences translated", ["model"], registry=r)
+        # labelled children by label values: .labels() validates and locks on every call, and
+        # these run several times a request; every label set is bounded (routes, models, statuses)
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
+        self._queue_depth_children: dict[str, Any] = {}
+
+    def observe_request(self, route: str, model: str, status: int, seconds: float) -> None:
+        children = self._request_children.get((route, model, status))
+        if children is None:
+            children = self._request_children[route, model, status] = (
+                self.requests.labels(route, model, str(status)),
+                self.errors.labels(route, model, str(status)) if status >= 400 else None,
+                self.latency.labels(route, model))
+        requests, errors, latency = children
+        requests.inc()
+        if errors is not None:
+            errors.inc()
+        latency.observe(seconds)
 
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_size.labels(stats.model).observe(stats.size)
@@ -47,7 +64,10 @@ class ServerMetrics:
             self.tokens_per_second.labels(stats.model).set(stats.output_tokens / stats.seconds)
 
     def observe_queue(self, model: str, depth: int) -> None:
-        self.queue_depth.labels(model).set(depth)
+        child = self._queue_depth_children.get(model)
+        if child is None:
+            child = self._queue_depth_children[model] = self.queue_depth.labels(model)
+        child.set(depth)
 
 
 Scope = MutableMapping[str, Any]
@@ -88,7 +108,4 @@ class MetricsMiddleware:
         finally:
             self.metrics.in_progress.dec()
             model = scope.get("state", {}).get("model", NO_MODEL)
-            self.metrics.requests.labels(route, model, str(status)).inc()
-            if status >= 400:
-                self.metrics.errors.labels(route, model, str(status)).inc()
-            self.metrics.latency.labels(route, model).observe(time.perf_counter() - started)
+            self.metrics.observe_request(route, model, status, time.perf_counter() - started)

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
@@ -164,11 +164,17 @@ def _state(request: Request) -> ServerState:
 
 
 def add_routes(app: FastAPI, metrics: ServerMetrics) -> None:
-    hot = APIRouter(route_class=PlainRoute)  # the translation routes, called once per client request
+    def plain_post(path: str, **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """``@app.post`` for a PlainRoute, on the app's own router (an included one costs a second match)."""
+        def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+            app.router.add_api_route(path, endpoint, methods=["POST"], route_class_override=PlainRoute,
+                                     **options)
+            return endpoint
+        return register
 
-    @hot.post("/translate", response_model=TranslateResponse, response_model_exclude_none=True,
-              openapi_extra=_request_body(TranslateRequest),
-              responses=error_responses(400, 403, 413, 415, 422, 503, 504), tags=["translate"])
+    @plain_post("/translate", response_model=TranslateResponse, response_model_exclude_none=True,
+                openapi_extra=_request_body(TranslateRequest),
+                responses=error_responses(400, 403, 413, 415, 422, 503, 504), tags=["translate"])
     async def translate(request: Request) -> Response:
         """Translates `q` (a string or a list of strings); LibreTranslate's request and response shape.
 
@@ -191,9 +197,9 @@ def add_routes(app: FastAPI, metrics: ServerMetrics) -> None:
             response["detectedLanguage"] = {"confidence": 100.0, "language": served.source_lang}
         return _json(response)
 
-    @hot.post("/translate/compare", response_model=CompareResponse,
-              openapi_extra=_request_body(CompareRequest),
-              responses=error_responses(400, 403, 413, 415, 422, 503, 504), tags=["translate"])
+    @plain_post("/translate/compare", response_model=CompareResponse,
+                openapi_extra=_request_body(CompareRequest),
+                responses=error_responses(400, 403, 413, 415, 422, 503, 504), tags=["translate"])
     async def compare(request: Request) -> Response:
         """Translates the same input with two models (default: teacher and student), one after the other.
 
@@ -215,8 +221,6 @@ def add_routes(app: FastAPI, metrics: ServerMetrics) -> None:
             results.append({"model": result.model, "timing": result.timing(),
                             "translatedText": result.texts[0] if isinstance(req.q, str) else result.texts})
         return _json({"results": results})
-
-    app.include_router(hot)
 
     @app.get("/languages", response_model=list[Language], responses=error_responses(503), tags=["info"])
     async def languages(request: Request) -> list[dict[str, Any]]:

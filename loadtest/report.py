@@ -32,6 +32,7 @@ DEFINITIONS = {
                        "round, then median and range over rounds",
     "peak": "highest requests/s of a valid phase, whatever its latency",
     "capacity_speedup": "student capacity at SLO / teacher's, same round",
+    "peak_speedup": "student peak requests/s / teacher's (medians over rounds), whatever the latency",
     "server_cpu_ms_per_request": "the server process's CPU seconds (user+system, psutil) during the phase / "
                                  "requests locust sent; at each round's peak phase, median over rounds",
     "requests_per_s_per_core": "requests/s / cores of the server's CPU set",
@@ -325,9 +326,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         comparisons = report["comparisons"][key]
         lines += [
             "", f"## {key} sentence(s) per request", "",
-            "| model | capacity at SLO req/s | peak req/s | speed-up at SLO | direct speed-up | share "
-            "| p50 / p95 / p99 ms (1 user) | p99/p50 at half capacity | BLEU | chrF |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| model | capacity at SLO req/s | peak req/s | speed-up at SLO | at peak | direct speed-up "
+            "| share | p50 / p95 / p99 ms (1 user) | p99/p50 at half capacity | BLEU | chrF |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for model, m in models.items():
             f, c = m["by_sentences_per_request"][key], comparisons.get(model)
@@ -336,6 +337,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"| {model} | {_fmt_spread(f['capacity_at_slo'], '.1f')} "
                 f"| {_fmt_spread(f['peak_requests_per_s'], '.1f')} "
                 f"| {_fmt_spread(c['capacity_speedup'], '.2f', 'x') if c else '1'} "
+                f"| {_fmt(c['peak_speedup'], '.2f') + 'x' if c else '1'} "
                 f"| {_fmt(c['direct_speedup'], '.2f') + 'x' if c else '1'} "
                 f"| {_fmt(c['share_of_direct_speedup'], '.2f') if c else '-'} "
                 f"| {_fmt(one.get('p50_ms'), '.0f')} / {_fmt(one.get('p95_ms'), '.0f')} / "

@@ -263,3 +263,21 @@ def test_direct_threads_follow_the_servers_default_plan():
     assert server_threads_per_model(6, cores=16) == 2
     assert server_threads_per_model(6, cores=1) == 1
     assert server_threads_per_model(1, cores=8) == 8
+
+
+def test_locust_runs_one_process_per_load_core_only_when_the_cores_are_its_own(tmp_path: Path):
+    from loadtest.bench import BenchOptions, Phase, PhaseContext, Server, locust_command
+
+    phase = Phase(8, 0, 16, "student", "student", "student-int8")
+
+    def command(plan: CpuPlan) -> list[str]:
+        ctx = PhaseContext(Server("http://127.0.0.1:1", 1), BenchOptions(workdir=tmp_path), plan,
+                           tmp_path / "s.src", ("xx", "yy"), tmp_path)
+        return locust_command(phase, ctx, tmp_path / phase.prefix)
+
+    several = command(CpuPlan((0, 1), (2, 3)))
+    assert several[several.index("--processes") + 1] == "2"
+    assert "--processes" not in command(CpuPlan((0,), (1,)))
+    assert "--processes" not in command(CpuPlan((0, 1), (0, 1)))  # shared cores: one process
+    assert several[several.index("--sentences-per-request") + 1] == "8"
+    assert several[several.index("--users") + 1] == "16"

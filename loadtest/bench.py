@@ -20,6 +20,7 @@ Order of work, so that nothing measured competes with anything else for the CPU:
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import signal
@@ -56,6 +57,14 @@ from loadtest.baselines import (
     measure_direct_cpu,
     measure_pytorch_teacher,
 )
+from loadtest.report import (
+    build_report,
+    equal_terms_key,
+    peak_phase,
+    rounded,
+    server_batch_size,
+    write_markdown,
+)
 from loadtest.sweep import MIN_GAIN, sweep_done
 from server.settings import ServeSettings
 
@@ -90,6 +99,11 @@ class BenchOptions:
     pytorch: bool = True
     server_timeout: float = 180.0
     server_args: list[str] = field(default_factory=list)
+
+    @property
+    def phase_seconds(self) -> int:
+        """Seconds per phase as locust runs them (whole seconds, at least one)."""
+        return max(1, round(self.duration))
 
     @property
     def out_dir(self) -> Path:
@@ -250,8 +264,6 @@ def _number(value: str) -> float | None:
 
 def read_locust_stats(csv_path: Path, name: str) -> dict[str, Any]:
     """The row of request ``name`` in a locust ``*_stats.csv`` (zeros if locust filed no request)."""
-    import csv
-
     with open(csv_path, newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
             if row["Name"] == name:
@@ -270,8 +282,6 @@ def read_locust_stats(csv_path: Path, name: str) -> dict[str, Any]:
 
 
 def read_locust_failures(csv_path: Path, name: str) -> list[str]:
-    import csv
-
     if not csv_path.is_file():
         return []
     with open(csv_path, newline="", encoding="utf-8") as handle:
@@ -312,11 +322,12 @@ class PhaseContext:
 
 
 def locust_command(phase: Phase, ctx: PhaseContext, prefix: Path) -> list[str]:
-    options, duration = ctx.options, max(1, round(ctx.options.duration))
+    options = ctx.options
     command = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", ctx.server.url,
-        "--users", str(phase.users), "--spawn-rate", str(phase.users), "--run-time", f"{duration}s",
-        "--csv", str(prefix), "--html", f"{prefix}.html", "--only-summary",
+        "--users", str(phase.users), "--spawn-rate", str(phase.users),
+        "--run-time", f"{options.phase_seconds}s", "--csv", str(prefix), "--html", f"{prefix}.html",
+        "--only-summary",
         "--exit-code-on-error", "0", "--loglevel", "WARNING",
         "--sentences", str(ctx.sentences_path), "--models", phase.served_as,
         "--sentences-per-request", str(phase.sentences_per_request),
@@ -331,7 +342,7 @@ def locust_command(phase: Phase, ctx: PhaseContext, prefix: Path) -> list[str]:
 def run_phase(phase: Phase, ctx: PhaseContext) -> dict[str, Any]:
     """One headless locust run against one model: locust's numbers, the server's CPU and batches."""
     prefix = ctx.locust_dir / phase.prefix
-    duration = max(1, round(ctx.options.duration))
+    duration = ctx.options.phase_seconds
     accounted = ctx.server.pid is not None
     metrics_before = scrape_metrics(ctx.server.url) if accounted else {}
     cpu_before = process_cpu_seconds(ctx.server.pid) if accounted else 0.0
@@ -366,7 +377,7 @@ def run_phase(phase: Phase, ctx: PhaseContext) -> dict[str, Any]:
         "sentences_per_s": round(stats["requests_per_s"] * phase.sentences_per_request, 3),
         "load_cpu_s": round(client["cpu_s"], 3),
         "load_processes": client["processes"],
-        "load_utilization": _round(load_utilization),
+        "load_utilization": rounded(load_utilization),
         "valid": load_utilization is not None and load_utilization <= LOAD_SATURATED,
         **server_accounting(phase, stats, server_cpu_s, client["wall_s"], ctx, metrics_before, metrics_after),
         "errors": read_locust_failures(Path(f"{prefix}_failures.csv"), name),
@@ -392,18 +403,14 @@ def server_accounting(phase: Phase, stats: dict[str, Any], server_cpu_s: float |
     requests = stats["requests"]
     return {
         "server_cpu_s": round(server_cpu_s, 3),
-        "server_utilization": _round(utilization(server_cpu_s, wall_s, cores)),
-        "server_cpu_ms_per_request": _round(1000 * server_cpu_s / requests) if requests else None,
-        "server_cpu_ms_per_sentence": _round(1000 * server_cpu_s / (requests * phase.sentences_per_request))
+        "server_utilization": rounded(utilization(server_cpu_s, wall_s, cores)),
+        "server_cpu_ms_per_request": rounded(1000 * server_cpu_s / requests) if requests else None,
+        "server_cpu_ms_per_sentence": rounded(1000 * server_cpu_s / (requests * phase.sentences_per_request))
         if requests else None,
-        "requests_per_s_per_core": _round(stats["requests_per_s"] / cores),
+        "requests_per_s_per_core": rounded(stats["requests_per_s"] / cores),
         "batches": int(batches),
-        "mean_batch_size": _round(batched / batches) if batches else None,
+        "mean_batch_size": rounded(batched / batches) if batches else None,
     }
-
-
-def _round(value: float | None, digits: int = 4) -> float | None:
-    return None if value is None else round(value, digits)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -474,7 +481,6 @@ def _sigterm_unwinds() -> Iterator[None]:
 
 def _run_bench(options: BenchOptions) -> dict[str, Any]:
     from loadtest.plots import write_plots
-    from loadtest.report import build_report, write_markdown
 
     workdir = Path(options.workdir)
     out = options.out_dir
@@ -540,23 +546,22 @@ def _direct_at_server_batches(phases: list[dict[str, Any]], exports: list[Export
                               plan: CpuPlan, threads: int) -> dict[str, dict[str, Any]]:
     """Direct CTranslate2 on the server's cores and threads, at the batch size the server itself formed
     for each model at its peak (keyed ``"<export>@<batch size>"``); what the service is priced against."""
-    from loadtest.report import peak_phase
-
     by_dir = {e.dir_name: e for e in exports}
-    wanted: set[tuple[str, int]] = set()
+    wanted: dict[str, tuple[ExportInfo, int]] = {}
     for model, export in served_exports.items():
         for per_request in options.sentences_per_request:
             best = peak_phase(phases, model, per_request)
             if best is not None and best["mean_batch_size"]:
-                wanted.add((export, max(1, round(best["mean_batch_size"]))))
+                batch_size = server_batch_size(best["mean_batch_size"])
+                wanted[equal_terms_key(export, batch_size)] = by_dir[export], batch_size
     results = {}
     with pinned(plan.server):
-        for export, batch_size in sorted(wanted):
-            results[f"{export}@{batch_size}"] = r = measure_direct_cpu(
-                by_dir[export], sentences, options.beam_size, options.max_length, batch_size, threads,
+        for key, (export_info, batch_size) in sorted(wanted.items()):
+            results[key] = r = measure_direct_cpu(
+                export_info, sentences, options.beam_size, options.max_length, batch_size, threads,
                 options.direct_seconds)
-            log.info("direct CTranslate2 %s at batch %d: %.1f sentences/s, %.3f ms CPU per sentence",
-                     export, batch_size, r["sentences_per_s"], r["cpu_ms_per_sentence"])
+            log.info("direct CTranslate2 %s: %.1f sentences/s, %.3f ms CPU per sentence", key,
+                     r["sentences_per_s"], r["cpu_ms_per_sentence"])
     return results
 
 

@@ -66,7 +66,7 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-def _round(value: float | None, digits: int = 4) -> float | None:
+def rounded(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(value, digits)
 
 
@@ -75,10 +75,13 @@ def _median(values: list[float | None]) -> float | None:
     return round(statistics.median(values), 4) if values else None
 
 
+def phases_of(phases: list[dict[str, Any]], model: str, per_request: int) -> list[dict[str, Any]]:
+    return [p for p in phases if p["model"] == model and p["sentences_per_request"] == per_request]
+
+
 def levels_of(phases: list[dict[str, Any]], model: str, per_request: int,
               round_: int) -> list[dict[str, Any]]:
-    return [p for p in phases if p["model"] == model and p["sentences_per_request"] == per_request
-            and p["round"] == round_]
+    return [p for p in phases_of(phases, model, per_request) if p["round"] == round_]
 
 
 def rounds_of(phases: list[dict[str, Any]], per_request: int) -> list[int]:
@@ -87,12 +90,22 @@ def rounds_of(phases: list[dict[str, Any]], per_request: int) -> list[int]:
 
 def peak_phase(phases: list[dict[str, Any]], model: str, per_request: int) -> dict[str, Any] | None:
     """The valid phase of ``model`` with the most requests/s over every round."""
-    return peak([p for p in phases if p["model"] == model and p["sentences_per_request"] == per_request])
+    return peak(phases_of(phases, model, per_request))
+
+
+def server_batch_size(mean_batch_size: float) -> int:
+    """The whole batch size a direct run uses for the server's mean one."""
+    return max(1, round(mean_batch_size))
+
+
+def equal_terms_key(export: str, batch_size: int) -> str:
+    """Key of a direct run on equal terms in the report: ``"<export>@<batch size>"``."""
+    return f"{export}@{batch_size}"
 
 
 def curve(phases: list[dict[str, Any]], model: str, per_request: int) -> list[dict[str, Any]]:
     """The throughput-latency curve: per user count, medians over the rounds' valid phases."""
-    mine = [p for p in phases if p["model"] == model and p["sentences_per_request"] == per_request]
+    mine = phases_of(phases, model, per_request)
     points = []
     for users in sorted({p["users"] for p in mine}):
         at = [p for p in mine if p["users"] == users]
@@ -114,15 +127,14 @@ def model_figures(phases: list[dict[str, Any]], model: str, export: str, per_req
     best = peak_phase(phases, model, per_request)
     direct = None
     if best is not None and best["mean_batch_size"]:
-        direct = equal_terms.get(f"{export}@{max(1, round(best['mean_batch_size']))}")
+        direct = equal_terms.get(equal_terms_key(export, server_batch_size(best["mean_batch_size"])))
     cpu_per_request = _median([p["server_cpu_ms_per_request"] for p in peaks if p])
     overhead = None
     if cpu_per_request is not None and direct is not None:
         overhead = round(cpu_per_request - per_request * direct["cpu_ms_per_sentence"], 4)
     peak_sentences = _median([p["sentences_per_s"] for p in peaks if p])
-    tail = tail_at_half_capacity(
-        [p for p in phases if p["model"] == model and p["sentences_per_request"] == per_request],
-        capacity["median"] or 0.0)
+    tail = tail_at_half_capacity(phases_of(phases, model, per_request), capacity["median"] or 0.0)
+    points = curve(phases, model, per_request)
     return {
         "capacity_at_slo": capacity,
         "capacity_users": [c["users"] if c else None for c in capacities],
@@ -136,11 +148,11 @@ def model_figures(phases: list[dict[str, Any]], model: str, export: str, per_req
         "mean_batch_size_at_peak": _median([p["mean_batch_size"] for p in peaks if p]),
         "direct_equal_terms": direct,
         "overhead_ms_per_request": overhead,
-        "efficiency": _round(_ratio(peak_sentences, direct["sentences_per_s"] if direct else None)),
+        "efficiency": rounded(_ratio(peak_sentences, direct["sentences_per_s"] if direct else None)),
         "tail_at_half_capacity": tail,
         "one_user": next(({k: pt[k] for k in ("p50_ms", "p95_ms", "p99_ms")}
-                          for pt in curve(phases, model, per_request) if pt["users"] == 1), None),
-        "curve": curve(phases, model, per_request),
+                          for pt in points if pt["users"] == 1), None),
+        "curve": points,
     }
 
 
@@ -155,14 +167,14 @@ def compare(phases: list[dict[str, Any]], student: str, per_request: int, slo_ms
                                 teacher["requests_per_s"] if teacher else None))
     capacity_speedup = spread(per_round)
     direct = [figures[m]["direct_equal_terms"] for m in (student, "teacher")]
-    direct_speedup = _round(_ratio(*(d["sentences_per_s"] if d else None for d in direct)))
-    peak_speedup = _round(_ratio(figures[student]["peak_requests_per_s"]["median"],
+    direct_speedup = rounded(_ratio(*(d["sentences_per_s"] if d else None for d in direct)))
+    peak_speedup = rounded(_ratio(figures[student]["peak_requests_per_s"]["median"],
                                  figures["teacher"]["peak_requests_per_s"]["median"]))
     return {
         "capacity_speedup": capacity_speedup,
         "peak_speedup": peak_speedup,
         "direct_speedup": direct_speedup,
-        "share_of_direct_speedup": _round(_ratio(capacity_speedup["median"], direct_speedup)),
+        "share_of_direct_speedup": rounded(_ratio(capacity_speedup["median"], direct_speedup)),
     }
 
 
@@ -263,9 +275,9 @@ def build_report(options: Any, plan: Any, threads: int, models: list[str], serve
         for k in options.sentences_per_request}
     for k, students in comparisons.items():
         for student, c in students.items():
-            c["direct_batch32_speedup"] = _round(_ratio(direct[served[student]]["sentences_per_s"],
+            c["direct_batch32_speedup"] = rounded(_ratio(direct[served[student]]["sentences_per_s"],
                                                         direct[served["teacher"]]["sentences_per_s"]))
-            c["peak_vs_pytorch_teacher"] = _round(_ratio(
+            c["peak_vs_pytorch_teacher"] = rounded(_ratio(
                 per_model[student]["by_sentences_per_request"][k]["peak_sentences_per_s"],
                 pytorch.get("sentences_per_s")))
     settings = {key: _plain(getattr(options, key)) for key in (

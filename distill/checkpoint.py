@@ -22,8 +22,8 @@ from typing import IO, Any
 
 import torch
 
-from distill.model import ModelConfig, Transformer
-from distill.vocab import Vocab
+from wdserve.distill.model import ModelConfig, Transformer
+from wdserve.distill.vocab import Vocab
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:

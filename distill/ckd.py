@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.kd import frozen, kl_sum
-from distill.model import PAD_ID, Transformer
+from wdserve.distill.kd import frozen, kl_sum
+from wdserve.distill.model import PAD_ID, Transformer
 
 MAPPINGS = ("regular", "overlap", "skip", "cross")
 
@@ -87,7 +87,7 @@ class CKDStudent(nn.Module):
 
 
 def student_of(module: CKDStudent) -> Transformer:
-    from distill.train import unwrap
+    from wdserve.distill.train import unwrap
 
     return unwrap(module).student
 
@@ -127,7 +127,7 @@ class CKDLoss:
         return total / (keep.sum() * len(groups)).clamp(min=1)
 
     def __call__(self, module: nn.Module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        from distill.train import label_smoothed_nll, unwrap
+        from wdserve.distill.train import label_smoothed_nll, unwrap
 
         with torch.no_grad():
             memory, mask, teacher_hidden = self.teacher.encoder(batch.src, return_hidden=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def configure_data(parser: argparse.ArgumentParser) -> None:
-    from distill.data import MULTI30K_URL
+    from wdserve.distill.data import MULTI30K_URL
 
     sub = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
     synthetic = sub.add_parser(
@@ -38,11 +38,11 @@ def configure_data(parser: argparse.ArgumentParser) -> None:
 
 
 def run_data(args: argparse.Namespace) -> int:
-    from distill.data import DataError
+    from wdserve.distill.data import DataError
 
     try:
         if args.source == "synthetic":
-            from distill.synthetic import write_synthetic
+            from wdserve.distill.synthetic import write_synthetic
 
             sizes = {"train": args.train, "valid": args.valid, "test": args.test}
             if any(n < 1 for n in sizes.values()):
@@ -50,7 +50,7 @@ def run_data(args: argparse.Namespace) -> int:
             write_synthetic(args.out_dir, sizes=sizes, seed=args.seed)
             print(f"wrote {', '.join(f'{n} {split}' for split, n in sizes.items())} pairs to {args.out_dir}")
         else:
-            from distill.data import download_multi30k
+            from wdserve.distill.data import download_multi30k
 
             paths = download_multi30k(args.out_dir, base_url=args.base_url, timeout=args.timeout)
             print(f"Multi30k: {len(paths)} files in {args.out_dir}")
@@ -73,7 +73,7 @@ def configure_evaluate(parser: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from distill.evaluate import evaluate_checkpoint, evaluate_ctranslate2
+    from wdserve.distill.evaluate import evaluate_checkpoint, evaluate_ctranslate2
 
     if args.beam_size < 1:
         return _fail("evaluate", f"--beam-size must be at least 1, got {args.beam_size}")
@@ -86,7 +86,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             result = evaluate_checkpoint(args.model, args.src, args.ref, beam_size=args.beam_size,
                                          device=args.device, batch_size=args.batch_size)
         if args.output is not None:
-            from distill.checkpoint import atomic_save_text
+            from wdserve.distill.checkpoint import atomic_save_text
 
             atomic_save_text("".join(f"{h}\n" for h in result["hypotheses"]), args.output)
     except (OSError, ValueError) as err:  # missing files, foreign checkpoints, misaligned corpora

@@ -117,7 +117,9 @@ def clean_pairs(
 
 def write_parallel(pairs: Iterable[tuple[str, str]], src_path: Path, tgt_path: Path) -> None:
     """Writes the two sides as UTF-8 lines, each file atomically (temporary file, then rename)."""
-    from distill.checkpoint import atomic_save_text  # imports PyTorch; keep `import distill.data` light
+    from wdserve.distill.checkpoint import (
+        atomic_save_text,  # imports PyTorch; keep `import distill.data` light
+    )
 
     pairs = list(pairs)
     for source, target in pairs:

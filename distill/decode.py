@@ -26,8 +26,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from distill.model import BOS_ID, EOS_ID, PAD_ID, Transformer
-from distill.vocab import Vocab
+from wdserve.distill.model import BOS_ID, EOS_ID, PAD_ID, Transformer
+from wdserve.distill.vocab import Vocab
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from distill.train_cli import add_corpus_arguments
+from wdserve.distill.train_cli import add_corpus_arguments
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,10 @@ def read_student_config(path: Path | None) -> dict[str, Any]:
 def run_distill(args: argparse.Namespace) -> int:
     import torch
 
-    from distill.checkpoint import read_checkpoint
-    from distill.data import DataError, read_parallel
-    from distill.model import ModelConfig
-    from distill.students import student_config, train_student
+    from wdserve.distill.checkpoint import read_checkpoint
+    from wdserve.distill.data import DataError, read_parallel
+    from wdserve.distill.model import ModelConfig
+    from wdserve.distill.students import student_config, train_student
 
     config = read_student_config(args.config)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -124,7 +124,7 @@ def distilled_pairs(
     ct2_model_dir: Path | None, device: str,
 ) -> list[tuple[str, str]]:
     """(source, teacher translation) pairs, empty translations dropped, optionally plus the bitext."""
-    from distill.seqkd import generate_seqkd_targets
+    from wdserve.distill.seqkd import generate_seqkd_targets
 
     targets = generate_seqkd_targets(teacher, [src for src, _ in bitext], out_path, beam_size=beam_size,
                                      ct2_model_dir=ct2_model_dir, device=device)

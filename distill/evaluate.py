@@ -12,7 +12,7 @@ import logging
 import time
 from pathlib import Path
 
-from distill.data import read_parallel
+from wdserve.distill.data import read_parallel
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,9 @@ def evaluate_checkpoint(
     Returns ``score()``'s keys plus ``hypotheses``, ``sentences``, ``beam_size``, ``seconds`` and
     ``parameters`` (the model's).
     """
-    from distill.checkpoint import load_model
-    from distill.decode import translate
-    from distill.model import count_parameters
+    from wdserve.distill.checkpoint import load_model
+    from wdserve.distill.decode import translate
+    from wdserve.distill.model import count_parameters
 
     pairs = read_parallel(src_path, ref_path)
     model, vocab, _ = load_model(checkpoint, device)

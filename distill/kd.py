@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.model import PAD_ID, Transformer
+from wdserve.distill.model import PAD_ID, Transformer
 
 
 def kl_sum(
@@ -57,7 +57,7 @@ class WordKDLoss:
         self.label_smoothing = label_smoothing
 
     def __call__(self, module: nn.Module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        from distill.train import label_smoothed_nll
+        from wdserve.distill.train import label_smoothed_nll
 
         with torch.no_grad():
             teacher_logits = self.teacher(batch.src, batch.tgt_in)

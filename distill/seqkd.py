@@ -19,7 +19,7 @@ import logging
 import time
 from pathlib import Path
 
-from distill.checkpoint import atomic_save_text, file_sha256
+from wdserve.distill.checkpoint import atomic_save_text, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +165,8 @@ def _translate_ct2(
 def _translate_torch(
     checkpoint: Path, sources: list[str], beam_size: int, device: str, batch_size: int, started: float
 ) -> list[str]:
-    from distill.checkpoint import load_model
-    from distill.decode import translate
+    from wdserve.distill.checkpoint import load_model
+    from wdserve.distill.decode import translate
 
     model, vocab, _ = load_model(checkpoint, device)
     results: list[str] = []

@@ -33,7 +33,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from distill.model import ModelConfig
+from wdserve.distill.model import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,9 @@ def train_student(
     """Trains student ``name`` by ``method`` and returns ``out_dir/checkpoint_best.pt`` (module doc)."""
     import torch
 
-    from distill.checkpoint import file_sha256, load_model
-    from distill.kd import frozen
-    from distill.train import TrainConfig, encode_pairs
+    from wdserve.distill.checkpoint import file_sha256, load_model
+    from wdserve.distill.kd import frozen
+    from wdserve.distill.train import TrainConfig, encode_pairs
 
     if method not in METHODS:
         raise ValueError(f"unknown distillation method {method!r}; expected one of {METHODS}")
@@ -135,12 +135,12 @@ def train_student(
     if method in PHASED:
         return _train_phased(teacher, vocab, examples, valid_pairs, student_cfg, method, out_dir, meta,
                              options, train_config, device)
-    from distill.model import Transformer
-    from distill.train import train
+    from wdserve.distill.model import Transformer
+    from wdserve.distill.train import train
 
     cfg = train_config("train")
     if method == "ckd":
-        from distill.ckd import CKDLoss, CKDStudent, ckd_groups, student_of
+        from wdserve.distill.ckd import CKDLoss, CKDStudent, ckd_groups, student_of
 
         ckd = {**DEFAULT_CKD, **options.get("ckd", {})}
         groups = ckd_groups(teacher.config.enc_layers, student_cfg.enc_layers, ckd.pop("mapping"))
@@ -160,7 +160,7 @@ def _word_kd_loss(teacher, word_kd: dict[str, Any] | None, cfg):
     """A ``WordKDLoss`` for ``word_kd = {alpha, temperature}``, or None (the trainer's default loss)."""
     if not word_kd:
         return None
-    from distill.kd import WordKDLoss
+    from wdserve.distill.kd import WordKDLoss
 
     return WordKDLoss(teacher, label_smoothing=cfg.label_smoothing, **{**DEFAULT_WORD_KD, **word_kd})
 
@@ -168,9 +168,9 @@ def _word_kd_loss(teacher, word_kd: dict[str, Any] | None, cfg):
 def _train_phased(teacher, vocab, examples, valid_pairs, student_cfg, method, out_dir, meta, options,
                   train_config, device) -> Path:
     """Phase 1 trains the generator; its best student, folded, is fine-tuned in phase 2 (if any)."""
-    from distill.checkpoint import atomic_write, load_model
-    from distill.train import train
-    from distill.wd import WeightGenerator, live_student
+    from wdserve.distill.checkpoint import atomic_write, load_model
+    from wdserve.distill.train import train
+    from wdserve.distill.wd import WeightGenerator, live_student
 
     generator = WeightGenerator(teacher, student_cfg, mode=method).to(device)
     phase1 = train(generator, vocab, examples, valid_pairs, train_config("phase1", "train"),

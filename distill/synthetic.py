@@ -137,7 +137,7 @@ def write_synthetic(
     Each split has its own seed, and sources already used by an earlier split
     (``train`` first) are skipped, so valid and test sentences are unseen in training.
     """
-    from distill.data import write_parallel
+    from wdserve.distill.data import write_parallel
 
     sizes = dict(sizes) if sizes is not None else {"train": 10_000, "valid": 200, "test": 200}
     out_dir = Path(out_dir)

@@ -53,11 +53,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from distill.checkpoint import atomic_save, read_checkpoint, save_checkpoint
-from distill.model import BOS_ID, EOS_ID, PAD_ID, Transformer, config_from_dict
-from distill.vocab import Vocab
+from wdserve.distill.checkpoint import atomic_save, read_checkpoint, save_checkpoint
+from wdserve.distill.model import BOS_ID, EOS_ID, PAD_ID, Transformer, config_from_dict
+from wdserve.distill.vocab import Vocab
 
-log = logging.getLogger("distill.train")
+log = logging.getLogger(__name__)
 
 LAST, BEST, AVERAGED, SNAPSHOTS = "checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_avg.pt", "snapshots"
 AMP_MODES = ("auto", "bf16", "fp16", "none")
@@ -575,8 +575,8 @@ class _Trainer:
 
     # -- evaluation and checkpoints ----------------------------------------------------------------
     def dev_bleu(self, model: Transformer) -> float:
-        from distill.decode import translate
-        from distill.evaluate import score
+        from wdserve.distill.decode import translate
+        from wdserve.distill.evaluate import score
 
         was_training = model.training
         model.eval()

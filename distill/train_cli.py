@@ -69,10 +69,10 @@ def read_config(path: Path | None) -> dict[str, dict[str, Any]]:
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
-    from distill.data import DataError, read_parallel
-    from distill.model import ModelConfig, Transformer
-    from distill.train import TrainConfig, encode_pairs, train
-    from distill.vocab import Vocab
+    from wdserve.distill.data import DataError, read_parallel
+    from wdserve.distill.model import ModelConfig, Transformer
+    from wdserve.distill.train import TrainConfig, encode_pairs, train
+    from wdserve.distill.vocab import Vocab
 
     config = read_config(args.config)
     overrides = {k: getattr(args, k) for k in TRAIN_OVERRIDES if getattr(args, k) is not None}

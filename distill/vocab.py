@@ -14,7 +14,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from distill.model import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID
+from wdserve.distill.model import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID
 
 log = logging.getLogger(__name__)
 

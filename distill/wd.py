@@ -54,7 +54,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from distill.model import ModelConfig, Transformer
+from wdserve.distill.model import ModelConfig, Transformer
 
 MODES = ("wd", "ws", "gated-ws")
 
@@ -293,7 +293,7 @@ class WeightGenerator(nn.Module):
 
 def live_student(generator: WeightGenerator) -> Transformer:
     """``student_of`` for ``distill.train.train``: the student kept equal to the generator's output."""
-    from distill.train import unwrap
+    from wdserve.distill.train import unwrap
 
     generator = unwrap(generator)
     generator.sync_student()

@@ -23,8 +23,8 @@ student exactly as weight distillation does.
 
 from __future__ import annotations
 
-from distill.model import ModelConfig, Transformer
-from distill.wd import WeightGenerator
+from wdserve.distill.model import ModelConfig, Transformer
+from wdserve.distill.wd import WeightGenerator
 
 
 def squeezing_generator(

@@ -42,7 +42,7 @@ def run_export(args: argparse.Namespace) -> int:
         print("error: --verify-n must be at least 1", file=sys.stderr)
         return 2
 
-    from export.convert import ExportError, export_all
+    from wdserve.export.convert import ExportError, export_all
 
     try:
         dirs = export_all(args.checkpoint, args.out, args.quantization, name=args.name, force=args.force)
@@ -54,7 +54,7 @@ def run_export(args: argparse.Namespace) -> int:
     if not args.verify:
         return 0
 
-    from export.verify import verify_export
+    from wdserve.export.verify import verify_export
 
     try:
         lines = args.verify_src.read_text(encoding="utf-8").splitlines()

@@ -42,8 +42,8 @@ import torch
 from ctranslate2.converters import Converter
 from ctranslate2.specs import common_spec, transformer_spec
 
-from distill.checkpoint import file_sha256, read_checkpoint
-from distill.model import (
+from wdserve.distill.checkpoint import file_sha256, read_checkpoint
+from wdserve.distill.model import (
     SPECIAL_TOKENS,
     Embedding,
     FeedForward,
@@ -52,7 +52,7 @@ from distill.model import (
     Transformer,
     count_parameters,
 )
-from distill.vocab import Vocab
+from wdserve.distill.vocab import Vocab
 
 log = logging.getLogger(__name__)
 

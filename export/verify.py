@@ -28,10 +28,10 @@ import numpy as np
 import sacrebleu
 import torch
 
-from distill.checkpoint import file_sha256
-from distill.model import BOS_ID, EOS_ID, PAD_ID, Transformer
-from distill.vocab import Vocab
-from export.convert import METADATA_FILENAME, ExportError, load_exportable
+from wdserve.distill.checkpoint import file_sha256
+from wdserve.distill.model import BOS_ID, EOS_ID, PAD_ID, Transformer
+from wdserve.distill.vocab import Vocab
+from wdserve.export.convert import METADATA_FILENAME, ExportError, load_exportable
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loadtest.accounting import BenchError
+from wdserve.loadtest.accounting import BenchError
 
 log = logging.getLogger("wdserve.bench")
 
@@ -97,8 +97,8 @@ class DirectTranslator:
         """Batches of ``batch_size`` sentences, each held to the server's per-sentence output limit: of
         similar length, as CTranslate2's own ``max_batch_size`` would make them, or in the given order,
         as requests arrive at the server (``sort_by_length=False``)."""
-        from server.models import translate_bounded
-        from server.settings import OutputLimit
+        from wdserve.server.models import translate_bounded
+        from wdserve.server.settings import OutputLimit
 
         pieces = [self.sp.encode(sentence, out_type=str) for sentence in sentences]
         order = list(range(len(pieces)))
@@ -197,8 +197,8 @@ def measure_pytorch_teacher(
     try:
         import torch
 
-        from distill.checkpoint import load_model
-        from distill.decode import translate
+        from wdserve.distill.checkpoint import load_model
+        from wdserve.distill.decode import translate
     except ImportError as err:
         note = f"PyTorch baseline skipped: {err} (install wdserve[train] to measure it)"
         log.warning(note)

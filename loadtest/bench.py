@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest.accounting import (
+from wdserve.loadtest.accounting import (
     LOAD_SATURATED,
     BenchError,
     CpuPlan,
@@ -50,14 +50,14 @@ from loadtest.accounting import (
     scrape_metrics,
     utilization,
 )
-from loadtest.baselines import (
+from wdserve.loadtest.baselines import (
     ExportInfo,
     discover_exports,
     measure_direct,
     measure_direct_cpu,
     measure_pytorch_teacher,
 )
-from loadtest.report import (
+from wdserve.loadtest.report import (
     build_report,
     equal_terms_key,
     peak_phase,
@@ -65,8 +65,8 @@ from loadtest.report import (
     server_batch_size,
     write_markdown,
 )
-from loadtest.sweep import MIN_GAIN, sweep_done
-from server.settings import ServeSettings
+from wdserve.loadtest.sweep import MIN_GAIN, sweep_done
+from wdserve.server.settings import ServeSettings
 
 log = logging.getLogger("wdserve.bench")
 
@@ -480,7 +480,7 @@ def _sigterm_unwinds() -> Iterator[None]:
 
 
 def _run_bench(options: BenchOptions) -> dict[str, Any]:
-    from loadtest.plots import write_plots
+    from wdserve.loadtest.plots import write_plots
 
     workdir = Path(options.workdir)
     out = options.out_dir

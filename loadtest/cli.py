@@ -48,7 +48,7 @@ def _rising(text: str) -> tuple[int, ...]:
 
 
 def _cpus(text: str) -> tuple[int, ...]:
-    from loadtest.accounting import parse_cpus
+    from wdserve.loadtest.accounting import parse_cpus
 
     try:
         return parse_cpus(text)
@@ -115,9 +115,9 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     import sys
 
-    from loadtest.accounting import BenchError
-    from loadtest.bench import DEFAULT_USERS, BenchOptions
-    from loadtest.bench import run_bench as bench
+    from wdserve.loadtest.accounting import BenchError
+    from wdserve.loadtest.bench import DEFAULT_USERS, BenchOptions
+    from wdserve.loadtest.bench import run_bench as bench
 
     options = BenchOptions(
         workdir=args.workdir, out=args.out, url=args.url, models=args.models, quantization=args.quantization,

@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from loadtest.sweep import capacity_at_slo, peak, tail_at_half_capacity
+from wdserve.loadtest.sweep import capacity_at_slo, peak, tail_at_half_capacity
 
 PAPER_SPEEDUP = (1.88, 2.94)  # Lin et al. (ACL 2021), student speed-ups over the teacher
 

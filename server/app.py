@@ -20,10 +20,10 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server import service
-from server.metrics import MetricsMiddleware, ServerMetrics
-from server.models import ModelRegistry, discover_workdir
-from server.schemas import (
+from wdserve.server import service
+from wdserve.server.metrics import MetricsMiddleware, ServerMetrics
+from wdserve.server.models import ModelRegistry, discover_workdir
+from wdserve.server.schemas import (
     CompareRequest,
     CompareResponse,
     Health,
@@ -34,8 +34,8 @@ from server.schemas import (
     TranslateResponse,
     error_responses,
 )
-from server.service import ApiError, ServerState
-from server.settings import OutputLimit, ServeSettings, available_cores
+from wdserve.server.service import ApiError, ServerState
+from wdserve.server.settings import OutputLimit, ServeSettings, available_cores
 
 log = logging.getLogger(__name__)
 

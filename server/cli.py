@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from server.settings import ServeSettings
+    from wdserve.server.settings import ServeSettings
 
 log = logging.getLogger("wdserve.serve")
 
@@ -22,7 +22,7 @@ _SPECIAL = {"models", "api_keys", "compare_models"}
 
 
 def configure_serve(parser: argparse.ArgumentParser) -> None:
-    from server.settings import ServeSettings
+    from wdserve.server.settings import ServeSettings
 
     parser.add_argument("--model", dest="models", action="append", metavar="NAME=PATH",
                         help="serve a CTranslate2 directory under NAME (repeatable; env WDSERVE_MODELS)")
@@ -50,7 +50,7 @@ def _flag_type(default: object) -> type:
 
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     """Flags given on the command line override the environment; the rest comes from WDSERVE_* or defaults."""
-    from server.settings import ServeSettings, parse_model_specs
+    from wdserve.server.settings import ServeSettings, parse_model_specs
 
     overrides = {name: getattr(args, name) for name in ServeSettings.model_fields if getattr(args, name, None)
                  is not None}
@@ -63,8 +63,8 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from server.app import create_app, load_registry
-    from server.models import ModelLoadError
+    from wdserve.server.app import create_app, load_registry
+    from wdserve.server.models import ModelLoadError
 
     try:
         settings = settings_from_args(args)

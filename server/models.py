@@ -24,7 +24,7 @@ from typing import Any
 import ctranslate2
 import sentencepiece as spm
 
-from server.settings import OutputLimit
+from wdserve.server.settings import OutputLimit
 
 log = logging.getLogger(__name__)
 

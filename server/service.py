@@ -18,11 +18,11 @@ from urllib.parse import parse_qs
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from server.batching import Batcher, DeadlineExceeded, QueueFull
-from server.metrics import ServerMetrics
-from server.models import ModelRegistry, ServedModel
-from server.settings import ServeSettings
-from server.text import TextError, check_text, join_sentences, split_sentences
+from wdserve.server.batching import Batcher, DeadlineExceeded, QueueFull
+from wdserve.server.metrics import ServerMetrics
+from wdserve.server.models import ModelRegistry, ServedModel
+from wdserve.server.settings import ServeSettings
+from wdserve.server.text import TextError, check_text, join_sentences, split_sentences
 
 log = logging.getLogger(__name__)
 

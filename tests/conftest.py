@@ -46,7 +46,7 @@ def _warm_up(model, examples: list[tuple[list[int], list[int]]], steps: int) -> 
     """A few teacher-forced cross-entropy steps (independent of distill.train on purpose)."""
     import torch.nn.functional as F
 
-    from distill.model import BOS_ID, EOS_ID, PAD_ID
+    from wdserve.distill.model import BOS_ID, EOS_ID, PAD_ID
 
     def pad(rows: list[list[int]]) -> torch.Tensor:
         width = max(len(r) for r in rows)
@@ -77,12 +77,12 @@ def tiny_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """
     if torch is None:
         pytest.skip("tiny_workdir needs PyTorch")
-    from distill.checkpoint import file_sha256, save_checkpoint
-    from distill.data import write_parallel
-    from distill.model import EOS_ID, ModelConfig, Transformer
-    from distill.synthetic import generate_pairs
-    from distill.vocab import Vocab, train_sentencepiece
-    from export.convert import convert_checkpoint
+    from wdserve.distill.checkpoint import file_sha256, save_checkpoint
+    from wdserve.distill.data import write_parallel
+    from wdserve.distill.model import EOS_ID, ModelConfig, Transformer
+    from wdserve.distill.synthetic import generate_pairs
+    from wdserve.distill.vocab import Vocab, train_sentencepiece
+    from wdserve.export.convert import convert_checkpoint
 
     root = tmp_path_factory.mktemp("tiny_run")
     splits = {}

@@ -16,13 +16,13 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "pipeline": ("wdserve.pipeline", "run every stage of a pipeline config (data to report)"),
-    "data": ("distill.cli", "write a synthetic corpus, or download Multi30k"),
-    "train": ("distill.train_cli", "train a model on a parallel corpus"),
-    "evaluate": ("distill.cli", "score a checkpoint or CTranslate2 model with sacreBLEU"),
-    "distill": ("distill.distill_cli", "train one student from a teacher checkpoint"),
-    "export": ("export.cli", "convert a checkpoint to CTranslate2 and verify it"),
-    "serve": ("server.cli", "serve CTranslate2 models over HTTP"),
-    "bench": ("loadtest.cli", "load-test teacher against students and write a report"),
+    "data": ("wdserve.distill.cli", "write a synthetic corpus, or download Multi30k"),
+    "train": ("wdserve.distill.train_cli", "train a model on a parallel corpus"),
+    "evaluate": ("wdserve.distill.cli", "score a checkpoint or CTranslate2 model with sacreBLEU"),
+    "distill": ("wdserve.distill.distill_cli", "train one student from a teacher checkpoint"),
+    "export": ("wdserve.export.cli", "convert a checkpoint to CTranslate2 and verify it"),
+    "serve": ("wdserve.server.cli", "serve CTranslate2 models over HTTP"),
+    "bench": ("wdserve.loadtest.cli", "load-test teacher against students and write a report"),
 }
 
 

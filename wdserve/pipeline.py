@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # distill imports torch: only at run time, inside the stages
-    from distill.model import ModelConfig
-    from distill.vocab import Vocab
+    from wdserve.distill.model import ModelConfig
+    from wdserve.distill.vocab import Vocab
 
 log = logging.getLogger("wdserve.pipeline")
 
@@ -133,7 +133,7 @@ class Pipeline:
         return self.report
 
     def write_report(self) -> None:
-        from distill.checkpoint import atomic_save_text
+        from wdserve.distill.checkpoint import atomic_save_text
 
         atomic_save_text(json.dumps(self.report, indent=2, sort_keys=False) + "\n", self.report_path)
 
@@ -154,13 +154,13 @@ class Pipeline:
     def languages(self) -> tuple[str, str]:
         data = self.config.get("data", {})
         if "synthetic" in data:
-            from distill.synthetic import SOURCE_LANG, TARGET_LANG
+            from wdserve.distill.synthetic import SOURCE_LANG, TARGET_LANG
 
             return SOURCE_LANG, TARGET_LANG
         return data["source_lang"], data["target_lang"]
 
     def pairs(self, split: str) -> list[tuple[str, str]]:
-        from distill.data import read_parallel
+        from wdserve.distill.data import read_parallel
 
         return read_parallel(self.data_path(split, "src"), self.data_path(split, "tgt"))
 
@@ -169,14 +169,14 @@ class Pipeline:
 
     # ---------------------------------------------------------------- stages
     def stage_data(self) -> None:
-        from distill.data import clean_pairs, read_parallel, write_parallel
+        from wdserve.distill.data import clean_pairs, read_parallel, write_parallel
 
         if all(self.data_path(split, side).is_file() for split in SPLITS for side in ("src", "tgt")):
             log.info("data already prepared in %s", self.workdir / "data")
             return
         data = self.config.get("data", {})
         if "synthetic" in data:
-            from distill.synthetic import write_synthetic
+            from wdserve.distill.synthetic import write_synthetic
 
             synthetic = dict(data["synthetic"])
             seed = synthetic.pop("seed", self.config.get("seed", 1))
@@ -203,7 +203,7 @@ class Pipeline:
         self.report["data"] = {"languages": list(self.languages), "pairs": summary}
 
     def stage_vocab(self) -> None:
-        from distill.vocab import train_sentencepiece
+        from wdserve.distill.vocab import train_sentencepiece
 
         path = self.workdir / "vocab" / "spm.model"
         if path.is_file():
@@ -215,7 +215,7 @@ class Pipeline:
         self.report["vocab"] = {"path": str(path), "requested_size": size}
 
     def vocab(self):
-        from distill.vocab import Vocab
+        from wdserve.distill.vocab import Vocab
 
         return Vocab(self.workdir / "vocab" / "spm.model")
 
@@ -224,15 +224,15 @@ class Pipeline:
         return {"name": name, "method": method, "source_lang": src, "target_lang": tgt, **extra}
 
     def teacher_config(self, vocab: Vocab) -> ModelConfig:
-        from distill.model import ModelConfig
+        from wdserve.distill.model import ModelConfig
 
         return ModelConfig(vocab_size=len(vocab), **self.config["teacher"].get("model", {}))
 
     def stage_teacher(self) -> None:
         import torch
 
-        from distill.model import Transformer
-        from distill.train import TrainConfig, encode_pairs, train
+        from wdserve.distill.model import Transformer
+        from wdserve.distill.train import TrainConfig, encode_pairs, train
 
         section = self.config["teacher"]
         vocab = self.vocab()
@@ -262,7 +262,7 @@ class Pipeline:
         if not self.students_needing_seqkd():
             log.info("no student trains on distilled data; skipping")
             return
-        from distill.seqkd import generate_seqkd_targets
+        from wdserve.distill.seqkd import generate_seqkd_targets
 
         section = self.config.get("seqkd", {})
         ct2_dir = self.export_teacher_for_generation()
@@ -295,9 +295,9 @@ class Pipeline:
         return distilled + bitext if with_bitext else distilled
 
     def stage_students(self) -> None:
-        from distill.checkpoint import read_checkpoint
-        from distill.model import ModelConfig
-        from distill.students import student_config, train_student
+        from wdserve.distill.checkpoint import read_checkpoint
+        from wdserve.distill.model import ModelConfig
+        from wdserve.distill.students import student_config, train_student
 
         teacher_config = ModelConfig.from_dict(read_checkpoint(self.checkpoint("teacher"))["config"])
         with_bitext = self.config.get("seqkd", {}).get("with_bitext", True)
@@ -322,7 +322,7 @@ class Pipeline:
             )
 
     def stage_export(self) -> None:
-        from export.verify import verify_export
+        from wdserve.export.verify import verify_export
 
         section = self.config.get("export", {})
         quantizations = section.get("quantizations", list(DEFAULT_QUANTIZATIONS))
@@ -339,8 +339,8 @@ class Pipeline:
 
     def export(self, name: str, quantization: str) -> Path:
         """The CTranslate2 dir of ``name``, converted again when its checkpoint has changed since."""
-        from distill.checkpoint import file_sha256
-        from export.convert import convert_checkpoint
+        from wdserve.distill.checkpoint import file_sha256
+        from wdserve.export.convert import convert_checkpoint
 
         out, checkpoint = self.export_dir(name, quantization), self.checkpoint(name)
         metadata = out / "model.json"
@@ -354,9 +354,9 @@ class Pipeline:
     def stage_evaluate(self) -> None:
         import torch
 
-        from distill.decode import translate
-        from distill.evaluate import evaluate_checkpoint, score
-        from distill.model import Transformer
+        from wdserve.distill.decode import translate
+        from wdserve.distill.evaluate import evaluate_checkpoint, score
+        from wdserve.distill.model import Transformer
 
         beam = self.config.get("evaluate", {}).get("beam_size", 4)
         test = self.data_path("test", "src"), self.data_path("test", "tgt")

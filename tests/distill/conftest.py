@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from distill.model import BOS_ID, EOS_ID, PAD_ID, ModelConfig, Transformer
+from wdserve.distill.model import BOS_ID, EOS_ID, PAD_ID, ModelConfig, Transformer
 
 VOCAB = 40
 TEACHER = {"enc_layers": 4, "enc_dim": 32, "enc_heads": 4, "enc_ffn": 64,

@@ -7,15 +7,15 @@ import copy
 import pytest
 import torch
 
-from distill.ckd import CKDLoss, CKDStudent, ckd_groups
-from distill.kd import WordKDLoss
-from distill.model import Transformer
+from wdserve.distill.ckd import CKDLoss, CKDStudent, ckd_groups
+from wdserve.distill.kd import WordKDLoss
+from wdserve.distill.model import Transformer
 
 torch.set_num_threads(1)
 
 
 def test_word_kd_interpolates_gold_nll_and_teacher_kl(kit):
-    from distill.train import label_smoothed_nll
+    from wdserve.distill.train import label_smoothed_nll
 
     teacher, data = kit.teacher(), kit.batch()
     student = Transformer(kit.config(dec_layers=1)).eval()

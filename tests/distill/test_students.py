@@ -9,13 +9,13 @@ import logging
 import pytest
 import torch
 
-from distill.checkpoint import file_sha256, load_model, read_checkpoint, save_checkpoint
-from distill.model import ModelConfig, Transformer
-from distill.seqkd import generate_seqkd_targets
-from distill.students import student_config, train_student
-from distill.synthetic import generate_pairs
-from distill.vocab import Vocab, train_sentencepiece
-from distill.wd import WeightGenerator, live_student
+from wdserve.distill.checkpoint import file_sha256, load_model, read_checkpoint, save_checkpoint
+from wdserve.distill.model import ModelConfig, Transformer
+from wdserve.distill.seqkd import generate_seqkd_targets
+from wdserve.distill.students import student_config, train_student
+from wdserve.distill.synthetic import generate_pairs
+from wdserve.distill.vocab import Vocab, train_sentencepiece
+from wdserve.distill.wd import WeightGenerator, live_student
 
 torch.set_num_threads(1)
 
@@ -149,7 +149,7 @@ def test_seqkd_cache_is_reused_and_regenerated_when_the_teacher_changes(corpus, 
 
 
 def test_seqkd_uses_the_ctranslate2_teacher_only_when_it_is_this_teacher(tiny_workdir, tmp_path):
-    from distill.decode import translate
+    from wdserve.distill.decode import translate
 
     teacher = tiny_workdir / "models" / "teacher" / "checkpoint_best.pt"
     sources = (tiny_workdir / "data" / "valid.src").read_text().splitlines()[:3]
@@ -166,8 +166,8 @@ def test_seqkd_uses_the_ctranslate2_teacher_only_when_it_is_this_teacher(tiny_wo
 
 
 def test_wdserve_distill_command(corpus, tmp_path):
-    from distill.data import write_parallel
-    from distill.distill_cli import configure_distill, run_distill
+    from wdserve.distill.data import write_parallel
+    from wdserve.distill.distill_cli import configure_distill, run_distill
 
     write_parallel(corpus["train"][:12], tmp_path / "train.src", tmp_path / "train.tgt")
     write_parallel(corpus["valid"], tmp_path / "valid.src", tmp_path / "valid.tgt")

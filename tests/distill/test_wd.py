@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.checkpoint import load_model, save_checkpoint
-from distill.kd import WordKDLoss
-from distill.model import Transformer
-from distill.vocab import Vocab, train_sentencepiece
-from distill.wd import WeightGenerator, layer_groups, live_student
-from distill.ws import squeezing_generator
+from wdserve.distill.checkpoint import load_model, save_checkpoint
+from wdserve.distill.kd import WordKDLoss
+from wdserve.distill.model import Transformer
+from wdserve.distill.vocab import Vocab, train_sentencepiece
+from wdserve.distill.wd import WeightGenerator, layer_groups, live_student
+from wdserve.distill.ws import squeezing_generator
 
 # Student shapes covering every tensor kind: narrower decoder (cross-attention from a wider encoder),
 # fewer layers on both sides, tied / untied output, shared / separate tables.

@@ -326,8 +326,8 @@ NOT_INSTALLED = {
 }
 
 
-@pytest.mark.parametrize("service, target, module", [("server", "serve", "server.app"),
-                                                      ("bench", "loadtest", "loadtest.bench")])
+@pytest.mark.parametrize("service, target, module", [("server", "serve", "wdserve.server.app"),
+                                                      ("bench", "loadtest", "wdserve.loadtest.bench")])
 def test_commands_run_without_the_extras_the_image_lacks(
     compose: dict[str, Any], service: str, target: str, module: str
 ) -> None:
@@ -469,7 +469,7 @@ def test_server_image_exposes_the_served_port(compose: dict[str, Any], stages: d
 
 @VARIANTS
 def test_server_environment_is_valid_serve_settings(files: tuple[Path, ...], env: dict[str, str]) -> None:
-    from server.settings import ServeSettings
+    from wdserve.server.settings import ServeSettings
 
     services = load_compose(*files, env=env)["services"]
     server = services["server"]
@@ -494,8 +494,8 @@ def test_server_environment_is_valid_serve_settings(files: tuple[Path, ...], env
 
 # ---------------------------------------------------------------- health checks point at real routes
 def server_routes() -> set[str]:
-    from server.app import create_app
-    from server.settings import ServeSettings
+    from wdserve.server.app import create_app
+    from wdserve.server.settings import ServeSettings
 
     app = create_app(ServeSettings())
     return {route.path for route in app.routes}

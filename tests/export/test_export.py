@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from distill.checkpoint import file_sha256, read_checkpoint, save_checkpoint
-from distill.decode import greedy_search, pad_batch
-from distill.model import BOS_ID, EOS_ID, ModelConfig, Transformer, count_parameters
-from distill.synthetic import generate_pairs
-from distill.vocab import Vocab, train_sentencepiece
-from distill.wd import WeightGenerator
-from export.cli import configure_export, run_export
-from export.convert import ExportError, TransformerConverter, convert_checkpoint, export_all
-from export.verify import SKIPPED_NEEDS_CUDA, verify_export
+from wdserve.distill.checkpoint import file_sha256, read_checkpoint, save_checkpoint
+from wdserve.distill.decode import greedy_search, pad_batch
+from wdserve.distill.model import BOS_ID, EOS_ID, ModelConfig, Transformer, count_parameters
+from wdserve.distill.synthetic import generate_pairs
+from wdserve.distill.vocab import Vocab, train_sentencepiece
+from wdserve.distill.wd import WeightGenerator
+from wdserve.export.cli import configure_export, run_export
+from wdserve.export.convert import ExportError, TransformerConverter, convert_checkpoint, export_all
+from wdserve.export.verify import SKIPPED_NEEDS_CUDA, verify_export
 
 MAX_LENGTH = 24  # greedy steps; random models rarely stop on their own
 TOLERANCE = 1e-4
@@ -227,7 +227,7 @@ def test_failure_midway_leaves_no_half_model(tmp_path, corpus, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("export.convert.set_decoder", broken)
+    monkeypatch.setattr("wdserve.export.convert.set_decoder", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         convert_checkpoint(checkpoint, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]

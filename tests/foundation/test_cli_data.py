@@ -7,8 +7,8 @@ import sys
 import pytest
 
 import wdserve.cli
-from distill.data import MULTI30K_LANGUAGES, MULTI30K_SPLITS, read_parallel
-from distill.synthetic import write_synthetic
+from wdserve.distill.data import MULTI30K_LANGUAGES, MULTI30K_SPLITS, read_parallel
+from wdserve.distill.synthetic import write_synthetic
 
 
 @pytest.fixture

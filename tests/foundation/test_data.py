@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from distill.data import DataError, clean_pairs, read_lines, read_parallel, write_parallel
-from distill.synthetic import (
+from wdserve.distill.data import DataError, clean_pairs, read_lines, read_parallel, write_parallel
+from wdserve.distill.synthetic import (
     ADJECTIVES,
     AGREEMENT,
     CONJUNCTIONS,

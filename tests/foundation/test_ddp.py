@@ -11,9 +11,9 @@ import textwrap
 import pytest
 import torch
 
-from distill.checkpoint import load_model, read_checkpoint
-from distill.synthetic import generate_pairs
-from distill.vocab import train_sentencepiece
+from wdserve.distill.checkpoint import load_model, read_checkpoint
+from wdserve.distill.synthetic import generate_pairs
+from wdserve.distill.vocab import train_sentencepiece
 
 torch.set_num_threads(1)
 
@@ -23,10 +23,10 @@ WORKER = textwrap.dedent("""
 
     import torch
 
-    from distill.model import ModelConfig, Transformer
-    from distill.synthetic import generate_pairs
-    from distill.train import TrainConfig, encode_pairs, train
-    from distill.vocab import Vocab
+    from wdserve.distill.model import ModelConfig, Transformer
+    from wdserve.distill.synthetic import generate_pairs
+    from wdserve.distill.train import TrainConfig, encode_pairs, train
+    from wdserve.distill.vocab import Vocab
 
     torch.set_num_threads(1)
     out, vocab = Path(sys.argv[1]), Vocab(Path(sys.argv[2]))

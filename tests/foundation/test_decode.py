@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.decode import beam_search, greedy_search, sequence_log_probs, translate
-from distill.model import BOS_ID, EOS_ID, PAD_ID, ModelConfig, Transformer
-from distill.synthetic import generate_pairs
-from distill.vocab import Vocab, train_sentencepiece
+from wdserve.distill.decode import beam_search, greedy_search, sequence_log_probs, translate
+from wdserve.distill.model import BOS_ID, EOS_ID, PAD_ID, ModelConfig, Transformer
+from wdserve.distill.synthetic import generate_pairs
+from wdserve.distill.vocab import Vocab, train_sentencepiece
 
 TOKENS = list(range(4, 12))  # the reversal task's alphabet
 

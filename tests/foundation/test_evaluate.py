@@ -4,9 +4,9 @@ import shutil
 
 import pytest
 
-from distill.checkpoint import load_model
-from distill.decode import translate
-from distill.evaluate import evaluate_checkpoint, evaluate_ctranslate2, score
+from wdserve.distill.checkpoint import load_model
+from wdserve.distill.decode import translate
+from wdserve.distill.evaluate import evaluate_checkpoint, evaluate_ctranslate2, score
 
 REFERENCES = [
     "a small dog runs across the green field",

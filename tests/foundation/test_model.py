@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from distill.checkpoint import load_model, read_checkpoint, save_checkpoint
-from distill.model import (
+from wdserve.distill.checkpoint import load_model, read_checkpoint, save_checkpoint
+from wdserve.distill.model import (
     BOS_ID,
     PAD_ID,
     ModelConfig,
@@ -14,7 +14,7 @@ from distill.model import (
     count_parameters,
     sinusoidal_table,
 )
-from distill.vocab import Vocab, train_sentencepiece
+from wdserve.distill.vocab import Vocab, train_sentencepiece
 
 SHAPES = {
     "pre-norm tied": {},

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.data import read_parallel
+from wdserve.distill.data import read_parallel
 from wdserve.pipeline import Pipeline, load_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.checkpoint import load_model, read_checkpoint
-from distill.data import write_parallel
-from distill.model import BOS_ID, EOS_ID, PAD_ID, ModelConfig, Transformer
-from distill.synthetic import generate_pairs
-from distill.train import (
+from wdserve.distill.checkpoint import load_model, read_checkpoint
+from wdserve.distill.data import write_parallel
+from wdserve.distill.model import BOS_ID, EOS_ID, PAD_ID, ModelConfig, Transformer
+from wdserve.distill.synthetic import generate_pairs
+from wdserve.distill.train import (
     TrainConfig,
     average_state_dicts,
     default_loss,
@@ -27,8 +27,8 @@ from distill.train import (
     make_batches,
     train,
 )
-from distill.train_cli import configure_train, run_train
-from distill.vocab import Vocab, train_sentencepiece
+from wdserve.distill.train_cli import configure_train, run_train
+from wdserve.distill.vocab import Vocab, train_sentencepiece
 
 torch.set_num_threads(1)
 
@@ -183,7 +183,7 @@ def test_a_finished_run_is_returned_without_training_again(finished_run, corpus,
     def must_not_train(module, batch):
         raise AssertionError("a finished run trained again")
 
-    with caplog.at_level(logging.INFO, logger="distill.train"):
+    with caplog.at_level(logging.INFO, logger="wdserve.distill.train"):
         again = train(tiny_model(vocab, seed=9), vocab, examples, pairs[:20],
                       config(max_steps=40, eval_every=20), out, META, loss_fn=must_not_train)
     assert again.steps == 40 and again.best_bleu == result.best_bleu and again.history == result.history
@@ -234,7 +234,7 @@ def test_resumed_training_matches_an_uninterrupted_run(corpus, tmp_path, caplog,
     assert read_checkpoint(run / "checkpoint_last.pt")["train_state"]["step"] == expected_resume
     halfway = final_weights(run / "checkpoint_last.pt")
 
-    with caplog.at_level(logging.INFO, logger="distill.train"):
+    with caplog.at_level(logging.INFO, logger="wdserve.distill.train"):
         resumed = train(tiny_model(vocab, seed=123), vocab, examples, valid, config(**settings), run, META)
     assert f"at step {expected_resume}" in caplog.text
     assert resumed.steps == 12

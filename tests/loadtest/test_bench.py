@@ -20,9 +20,9 @@ import psutil
 import pytest
 
 pytest.importorskip("locust")
-pytest.importorskip("server.app", reason="the server (server/app.py) is needed to bench over HTTP")
+pytest.importorskip("wdserve.server.app", reason="the server (server/app.py) is needed to bench over HTTP")
 
-from loadtest.bench import LOCUSTFILE, BenchOptions, request_name, run_bench, running_server  # noqa: E402
+from wdserve.loadtest.bench import LOCUSTFILE, BenchOptions, request_name, run_bench, running_server  # noqa: E402
 
 MODELS = ("teacher", "student")
 USERS = (1, 2)

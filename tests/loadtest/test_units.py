@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from loadtest.accounting import (
+from wdserve.loadtest.accounting import (
     BenchError,
     CpuPlan,
     batches_between,
@@ -18,18 +18,24 @@ from loadtest.accounting import (
     read_client_stats,
     utilization,
 )
-from loadtest.baselines import ExportInfo
-from loadtest.bench import (
+from wdserve.loadtest.baselines import ExportInfo
+from wdserve.loadtest.bench import (
     choose_models,
     read_locust_stats,
     request_name,
     served_export,
     server_threads_per_model,
 )
-from loadtest.cli import configure_bench
-from loadtest.plots import pareto_front
-from loadtest.report import build_report, check_targets, compare, model_figures, spread
-from loadtest.sweep import capacity_at_slo, peak, sweep_done, tail_at_half_capacity, throughput_stopped_rising
+from wdserve.loadtest.cli import configure_bench
+from wdserve.loadtest.plots import pareto_front
+from wdserve.loadtest.report import build_report, check_targets, compare, model_figures, spread
+from wdserve.loadtest.sweep import (
+    capacity_at_slo,
+    peak,
+    sweep_done,
+    tail_at_half_capacity,
+    throughput_stopped_rising,
+)
 
 
 def phase(model: str, users: int, rps: float, p95: float, *, round_: int = 0, spr: int = 1,
@@ -266,7 +272,7 @@ def test_direct_threads_follow_the_servers_default_plan():
 
 
 def test_locust_runs_one_process_per_load_core_only_when_the_cores_are_its_own(tmp_path: Path):
-    from loadtest.bench import BenchOptions, Phase, PhaseContext, Server, locust_command
+    from wdserve.loadtest.bench import BenchOptions, Phase, PhaseContext, Server, locust_command
 
     phase = Phase(8, 0, 16, "student", "student", "student-int8")
 

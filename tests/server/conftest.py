@@ -12,8 +12,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests import serve_helpers (py
 
 from serve_helpers import settings_for  # noqa: E402
 
-from server.app import load_registry  # noqa: E402
-from server.models import ModelRegistry  # noqa: E402
+from wdserve.server.app import load_registry  # noqa: E402
+from wdserve.server.models import ModelRegistry  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,7 @@ def direct_seconds(model_dir: Path, sentences: list[str], beam_size: int, max_le
     import ctranslate2
     import sentencepiece as spm
 
-    from server.settings import ServeSettings
+    from wdserve.server.settings import ServeSettings
 
     _, intra = ServeSettings().thread_plan(1)
     translator = ctranslate2.Translator(str(model_dir), intra_threads=intra, inter_threads=1)

@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.app import create_app
-from server.models import ModelRegistry
-from server.settings import ServeSettings
+from wdserve.server.app import create_app
+from wdserve.server.models import ModelRegistry
+from wdserve.server.settings import ServeSettings
 
 # A short sentence in the tiny fixture's source language; the fixture models answer it with garbage "yy".
 SENTENCE = "this book finds a tree"

@@ -11,8 +11,8 @@ import pytest
 from pydantic import BaseModel
 from serve_helpers import SENTENCE, metric, run, serving, settings_for
 
-from server.models import ModelRegistry
-from server.schemas import CompareResponse, TranslateResponse
+from wdserve.server.models import ModelRegistry
+from wdserve.server.schemas import CompareResponse, TranslateResponse
 
 
 def rendered_from(model: type[BaseModel], body: dict) -> bool:

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from server.batching import Batcher, BatchStats, DeadlineExceeded, QueueFull
+from wdserve.server.batching import Batcher, BatchStats, DeadlineExceeded, QueueFull
 
 
 class FakeModel:

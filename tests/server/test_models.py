@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from server.models import ModelRegistry, translate_bounded
-from server.settings import OutputLimit, ServeSettings
+from wdserve.server.models import ModelRegistry, translate_bounded
+from wdserve.server.settings import OutputLimit, ServeSettings
 
 
 class CountingTranslator:

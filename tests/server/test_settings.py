@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from server.cli import configure_serve, settings_from_args
-from server.settings import ServeSettings
+from wdserve.server.cli import configure_serve, settings_from_args
+from wdserve.server.settings import ServeSettings
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -69,11 +69,13 @@ def test_explicit_threads_are_kept() -> None:
 def test_server_modules_do_not_import_torch_or_distill() -> None:
     code = (
         "import sys\n"
-        "import server.app, server.cli, server.service, server.models, server.batching\n"
-        "from server.cli import configure_serve\n"
+        "import wdserve.server.app, wdserve.server.cli, wdserve.server.service\n"
+        "import wdserve.server.models, wdserve.server.batching\n"
+        "from wdserve.server.cli import configure_serve\n"
         "import argparse; configure_serve(argparse.ArgumentParser())\n"
-        "server.app.create_app(server.settings.ServeSettings())\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'distill', 'export'))\n"
+        "wdserve.server.app.create_app(wdserve.server.settings.ServeSettings())\n"
+        "heavy = ('torch', 'wdserve.distill', 'wdserve.export')\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith(heavy[1:]))\n"
         "assert not heavy, heavy\n"
         "print('ok')\n"
     )

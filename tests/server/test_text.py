@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.text import TextError, check_text, join_sentences, split_sentences
+from wdserve.server.text import TextError, check_text, join_sentences, split_sentences
 
 
 @pytest.mark.parametrize(("text", "sentences"), [

@@ -99,9 +99,10 @@ def train_student(
     """Trains student ``name`` by ``method`` and returns ``out_dir/checkpoint_best.pt`` (module doc)."""
     import torch
 
+    from wdserve.distill.batching import encode_pairs
     from wdserve.distill.checkpoint import file_sha256, load_model
     from wdserve.distill.kd import frozen
-    from wdserve.distill.train import TrainConfig, encode_pairs
+    from wdserve.distill.train import TrainConfig
 
     if method not in METHODS:
         raise ValueError(f"unknown distillation method {method!r}; expected one of {METHODS}")

@@ -2,9 +2,10 @@
 
 A method supplies what differs -- the module to optimise, its loss and the plain
 Transformer inside it that is evaluated and shipped (``student_of``) -- and this
-loop owns the rest: token-count batches, Adam with an inverse-square-root
-schedule, gradient accumulation and clipping, mixed precision on CUDA, dev BLEU,
-checkpoints, resumption and DistributedDataParallel under ``torchrun``.
+loop owns the rest: token-count batches (built by ``distill.batching``), Adam with
+an inverse-square-root schedule, gradient accumulation and clipping, mixed
+precision on CUDA, dev BLEU, checkpoints, resumption and DistributedDataParallel
+under ``torchrun``.
 
 Default loss, label-smoothed cross-entropy over the target vocabulary V
 (Szegedy et al. 2016, in fairseq's form), summed over non-pad target tokens::
@@ -53,8 +54,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from wdserve.distill.batching import Batch, Example, make_batches
 from wdserve.distill.checkpoint import atomic_save, read_checkpoint, save_checkpoint
-from wdserve.distill.model import BOS_ID, EOS_ID, PAD_ID, Transformer, config_from_dict
+from wdserve.distill.model import PAD_ID, Transformer, config_from_dict
 from wdserve.distill.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -104,18 +106,6 @@ class TrainConfig:
 
 
 @dataclass
-class Batch:
-    src: torch.Tensor  # (B, S) source pieces + EOS, right-padded with PAD_ID
-    tgt_in: torch.Tensor  # (B, T) BOS + target pieces
-    tgt_out: torch.Tensor  # (B, T) target pieces + EOS
-    n_tokens: int  # non-pad target tokens, the loss normaliser
-
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.src.to(device, non_blocking=True), self.tgt_in.to(device, non_blocking=True),
-                     self.tgt_out.to(device, non_blocking=True), self.n_tokens)
-
-
-@dataclass
 class TrainResult:
     best_path: Path
     last_path: Path
@@ -124,67 +114,7 @@ class TrainResult:
     history: list[dict]
 
 
-Example = tuple[list[int], list[int]]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, Any]]]
-
-
-def encode_pairs(vocab: Vocab, pairs: Iterable[tuple[str, str]]) -> list[Example]:
-    """(source pieces + EOS, target pieces) per pair, the input ``make_batches`` expects."""
-    return [(vocab.encode(src) + [EOS_ID], vocab.encode(tgt)) for src, tgt in pairs]
-
-
-def _cost(example: Example) -> int:
-    src, tgt = example
-    return max(len(src), len(tgt) + 1)
-
-
-def _pad(rows: list[list[int]]) -> torch.Tensor:
-    out = torch.full((len(rows), max(len(r) for r in rows)), PAD_ID, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
-
-
-def _collate(group: list[Example]) -> Batch:
-    return Batch(
-        src=_pad([src for src, _ in group]),
-        tgt_in=_pad([[BOS_ID, *tgt] for _, tgt in group]),
-        tgt_out=_pad([[*tgt, EOS_ID] for _, tgt in group]),
-        n_tokens=sum(len(tgt) + 1 for _, tgt in group),
-    )
-
-
-def make_batches(
-    examples: list[Example], max_tokens: int, shuffle: bool = False, seed: int = 0
-) -> list[Batch]:
-    """Groups examples of similar length so that sentences x longest side <= ``max_tokens``.
-
-    ``examples`` are (source ids ending in EOS, target ids without specials); the
-    batches add BOS to the decoder input and EOS to the target. An example longer
-    than ``max_tokens`` on its own gets a batch of its own. With ``shuffle``, which
-    equal-length examples share a batch and the order of batches both depend on
-    ``seed``; without it batches come shortest first.
-    """
-    rng = random.Random(seed)
-    order = list(range(len(examples)))
-    if shuffle:
-        rng.shuffle(order)
-    order.sort(key=lambda i: _cost(examples[i]))  # stable: shuffled ties stay shuffled
-    groups: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in order:
-        cost = _cost(examples[i])
-        if current and max(longest, cost) * (len(current) + 1) > max_tokens:
-            groups.append(current)
-            current, longest = [], 0
-        current.append(i)
-        longest = max(longest, cost)
-    if current:
-        groups.append(current)
-    if shuffle:
-        rng.shuffle(groups)
-    return [_collate([examples[i] for i in group]) for group in groups]
 
 
 def label_smoothed_nll(

@@ -69,9 +69,10 @@ def read_config(path: Path | None) -> dict[str, dict[str, Any]]:
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
+    from wdserve.distill.batching import encode_pairs
     from wdserve.distill.data import DataError, read_parallel
     from wdserve.distill.model import ModelConfig, Transformer
-    from wdserve.distill.train import TrainConfig, encode_pairs, train
+    from wdserve.distill.train import TrainConfig, train
     from wdserve.distill.vocab import Vocab
 
     config = read_config(args.config)

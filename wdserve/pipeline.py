@@ -231,8 +231,9 @@ class Pipeline:
     def stage_teacher(self) -> None:
         import torch
 
+        from wdserve.distill.batching import encode_pairs
         from wdserve.distill.model import Transformer
-        from wdserve.distill.train import TrainConfig, encode_pairs, train
+        from wdserve.distill.train import TrainConfig, train
 
         section = self.config["teacher"]
         vocab = self.vocab()

@@ -23,9 +23,10 @@ WORKER = textwrap.dedent("""
 
     import torch
 
+    from wdserve.distill.batching import encode_pairs
     from wdserve.distill.model import ModelConfig, Transformer
     from wdserve.distill.synthetic import generate_pairs
-    from wdserve.distill.train import TrainConfig, encode_pairs, train
+    from wdserve.distill.train import TrainConfig, train
     from wdserve.distill.vocab import Vocab
 
     torch.set_num_threads(1)

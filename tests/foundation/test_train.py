@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wdserve.distill.batching import encode_pairs, make_batches
 from wdserve.distill.checkpoint import load_model, read_checkpoint
 from wdserve.distill.data import write_parallel
 from wdserve.distill.model import BOS_ID, EOS_ID, PAD_ID, ModelConfig, Transformer
@@ -21,10 +22,8 @@ from wdserve.distill.train import (
     TrainConfig,
     average_state_dicts,
     default_loss,
-    encode_pairs,
     inverse_sqrt_lr,
     label_smoothed_nll,
-    make_batches,
     train,
 )
 from wdserve.distill.train_cli import configure_train, run_train

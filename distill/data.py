@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from wdserve.errors import WdserveError
+
 log = logging.getLogger(__name__)
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -24,7 +26,7 @@ MULTI30K_SPLITS = ("train", "val", "test_2016_flickr")
 MULTI30K_LANGUAGES = ("de", "en", "fr")
 
 
-class DataError(ValueError):
+class DataError(WdserveError, ValueError):
     """A corpus file is missing, unreadable, malformed, or does not pair up with its other side."""
 
 

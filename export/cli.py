@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+
+from wdserve.errors import ConfigError, WdserveError
 
 QUANTIZATION_CHOICES = ("int8", "int8_float16", "float16", "bfloat16", "float32")  # = convert.QUANTIZATIONS
 
@@ -34,47 +35,37 @@ def configure_export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", type=Path, metavar="FILE", help="write the verification result as JSON")
 
 
-def run_export(args: argparse.Namespace) -> int:
+def run_export(args: argparse.Namespace) -> None:
     if args.verify and args.verify_src is None:
-        print("error: --verify needs --verify-src FILE (source sentences, one per line)", file=sys.stderr)
-        return 2
+        raise ConfigError("--verify needs --verify-src FILE (source sentences, one per line)")
     if args.verify_n < 1:
-        print("error: --verify-n must be at least 1", file=sys.stderr)
-        return 2
+        raise ConfigError("--verify-n must be at least 1")
 
-    from wdserve.export.convert import ExportError, export_all
+    from wdserve.export.convert import export_all
 
-    try:
-        dirs = export_all(args.checkpoint, args.out, args.quantization, name=args.name, force=args.force)
-    except ExportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    dirs = export_all(args.checkpoint, args.out, args.quantization, name=args.name, force=args.force)
     for quantization, path in dirs.items():
         print(f"{quantization:>12}  {path}")
     if not args.verify:
-        return 0
+        return
 
     from wdserve.export.verify import verify_export
 
     try:
         lines = args.verify_src.read_text(encoding="utf-8").splitlines()
     except OSError as err:
-        print(f"error: cannot read --verify-src: {err}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"cannot read --verify-src: {err}") from err
     sentences = [line for line in lines if line.strip()][: args.verify_n]
     if not sentences:
-        print(f"error: {args.verify_src} has no non-empty lines", file=sys.stderr)
-        return 2
-    try:
-        result = verify_export(args.checkpoint, dirs, sentences, device=args.device)
-    except ExportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        raise ConfigError(f"{args.verify_src} has no non-empty lines")
+    result = verify_export(args.checkpoint, dirs, sentences, device=args.device)
     print(format_verification(result))
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    return 1 if result["float32_parity"] is False else 0
+    if result["float32_parity"] is False:
+        raise WdserveError(f"the float32 export does not reproduce {args.checkpoint} "
+                           f"(tolerance {result['float32_tolerance']:g}; see the table above)")
 
 
 def format_verification(result: dict) -> str:

@@ -53,6 +53,7 @@ from wdserve.distill.model import (
     count_parameters,
 )
 from wdserve.distill.vocab import Vocab
+from wdserve.errors import WdserveError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ SPM_FILENAME = "sentencepiece.model"
 METADATA_FILENAME = "model.json"
 
 
-class ExportError(ValueError):
+class ExportError(WdserveError, ValueError):
     """A checkpoint that cannot become a CTranslate2 model, or an output that cannot be written."""
 
 

@@ -20,10 +20,12 @@ from typing import Any
 
 import psutil
 
+from wdserve.errors import WdserveError
+
 LOAD_SATURATED = 0.9  # a load generator busier than this fraction of its cores may be the bottleneck
 
 
-class BenchError(RuntimeError):
+class BenchError(WdserveError, RuntimeError):
     """The bench cannot run as asked; the message says why and what to change."""
 
 

@@ -112,10 +112,7 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
                              "(repeatable, e.g. --server-arg=--max-batch-size=16)")
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    import sys
-
-    from wdserve.loadtest.accounting import BenchError
+def run_bench(args: argparse.Namespace) -> None:
     from wdserve.loadtest.bench import DEFAULT_USERS, BenchOptions
     from wdserve.loadtest.bench import run_bench as bench
 
@@ -128,9 +125,4 @@ def run_bench(args: argparse.Namespace) -> int:
         direct_seconds=args.direct_seconds, pytorch=args.pytorch, server_timeout=args.server_timeout,
         server_args=args.server_args,
     )
-    try:
-        bench(options)
-    except BenchError as err:
-        print(f"wdserve bench: {err}", file=sys.stderr)
-        return 1
-    return 0
+    bench(options)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from typing import TYPE_CHECKING
+
+from wdserve.errors import ConfigError
 
 if TYPE_CHECKING:
     from wdserve.server.settings import ServeSettings
@@ -59,25 +60,18 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     return ServeSettings(**overrides)
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def run_serve(args: argparse.Namespace) -> None:
     import uvicorn
     from pydantic import ValidationError
 
     from wdserve.server.app import create_app, load_registry
-    from wdserve.server.models import ModelLoadError
 
     try:
         settings = settings_from_args(args)
     except (ValidationError, ValueError) as err:
-        print(f"wdserve serve: invalid settings: {err}", file=sys.stderr)
-        return 2
-    try:
-        registry = load_registry(settings)
-    except ModelLoadError as err:
-        print(f"wdserve serve: cannot start: {err}", file=sys.stderr)
-        return 1
+        raise ConfigError(f"invalid settings: {err}") from err
+    registry = load_registry(settings)  # ModelLoadError names the model that cannot start
     log.info("models loaded; listening on http://%s:%d", settings.host, settings.port)
     uvicorn.run(create_app(settings, registry), host=settings.host, port=settings.port,
                 log_level=args.log_level, timeout_graceful_shutdown=settings.graceful_timeout_s,
                 access_log=False)
-    return 0

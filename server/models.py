@@ -24,6 +24,7 @@ from typing import Any
 import ctranslate2
 import sentencepiece as spm
 
+from wdserve.errors import WdserveError
 from wdserve.server.settings import OutputLimit
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ SPM_FILE = "sentencepiece.model"
 INFO_FILE = "model.json"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(WdserveError, RuntimeError):
     """A model directory is missing, incomplete or unreadable; the message names it."""
 
 

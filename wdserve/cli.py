@@ -1,9 +1,14 @@
 """The ``wdserve`` command line.
 
 Each subcommand lives beside the code it drives, in a module exposing
-``configure_<name>(parser)`` and ``run_<name>(args) -> int | None``. Modules are
+``configure_<name>(parser)`` and ``run_<name>(args)``. Modules are
 imported only for the subcommand being run, so ``wdserve serve`` on a serving
 install never imports PyTorch.
+
+``run_<name>`` returns on success and raises on failure. A ``WdserveError`` becomes
+one line, ``wdserve <command>: error: <message>``, and its exit code (2 for a bad
+command line or config file, 1 otherwise; see ``wdserve.errors``); any other
+exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import argparse
 import importlib
 import logging
 import sys
+
+from wdserve.errors import WdserveError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -52,10 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
-        return int(getattr(module, f"run_{args.command}")(args) or 0)
+        getattr(module, f"run_{args.command}")(args)
+    except WdserveError as err:
+        print(f"wdserve {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    return 0
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wdserve.errors import ConfigError
+
 if TYPE_CHECKING:  # distill imports torch: only at run time, inside the stages
     from wdserve.distill.model import ModelConfig
     from wdserve.distill.vocab import Vocab
@@ -76,10 +78,10 @@ def load_config(path: Path) -> dict[str, Any]:
 
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"pipeline config not found: {path}")
+        raise ConfigError(f"pipeline config not found: {path}")
     config = yaml.safe_load(path.read_text(encoding="utf-8"))
     if not isinstance(config, dict) or "teacher" not in config:
-        raise SystemExit(f"{path}: a pipeline config needs at least a 'teacher' section")
+        raise ConfigError(f"{path}: a pipeline config needs at least a 'teacher' section")
     config.setdefault("name", path.stem)
     return config
 
@@ -88,7 +90,7 @@ def select_students(config: dict[str, Any], names: list[str]) -> list[dict[str, 
     students = {student["name"]: student for student in config.get("students", [])}
     unknown = [name for name in names if name not in students]
     if unknown:
-        raise SystemExit(f"--students: {unknown} not in the config (it has {sorted(students)})")
+        raise ConfigError(f"--students: {unknown} not in the config (it has {sorted(students)})")
     return [students[name] for name in names]
 
 
@@ -185,7 +187,7 @@ class Pipeline:
         else:
             root = self.data_dir or os.environ.get("WDSERVE_DATA_DIR") or data.get("dir")
             if not root:
-                raise SystemExit("no corpus directory: set data.dir, --data-dir or $WDSERVE_DATA_DIR")
+                raise ConfigError("no corpus directory: set data.dir, --data-dir or $WDSERVE_DATA_DIR")
             root = Path(root)
             src_lang, tgt_lang = self.languages
             names = {"train": "train", "valid": "valid", "test": "test", **data.get("splits", {})}
@@ -287,11 +289,13 @@ class Pipeline:
         return self.export("teacher", "float32")
 
     def seqkd_pairs(self, with_bitext: bool) -> list[tuple[str, str]]:
+        from wdserve.distill.data import DataError
+
         bitext = self.pairs("train")
         targets = (self.workdir / "seqkd" / "train.tgt").read_text(encoding="utf-8").splitlines()
         if len(targets) != len(bitext):
-            raise SystemExit(f"{self.workdir / 'seqkd' / 'train.tgt'} has {len(targets)} lines, "
-                             f"expected {len(bitext)}; delete it to regenerate")
+            raise DataError(f"{self.workdir / 'seqkd' / 'train.tgt'} has {len(targets)} lines, "
+                            f"expected {len(bitext)}; delete it to regenerate")
         distilled = [(src, hyp) for (src, _), hyp in zip(bitext, targets, strict=True) if hyp.strip()]
         return distilled + bitext if with_bitext else distilled
 
@@ -382,10 +386,12 @@ class Pipeline:
 
 
 def _corpus_file(root: Path, split: str, lang: str) -> Path:
+    from wdserve.distill.data import DataError
+
     for candidate in (root / f"{split}.{lang}.gz", root / f"{split}.{lang}"):
         if candidate.is_file():
             return candidate
-    raise SystemExit(f"corpus file not found: {root / f'{split}.{lang}'}[.gz]")
+    raise DataError(f"corpus file not found: {root / f'{split}.{lang}'}[.gz]")
 
 
 def _dir_size(path: Path) -> int:

@@ -3,7 +3,6 @@ quantized variants, metadata, refusals, verification and the command line."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -12,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from wdserve.cli import main
 from wdserve.distill.checkpoint import file_sha256, read_checkpoint, save_checkpoint
 from wdserve.distill.decode import greedy_search, pad_batch
 from wdserve.distill.model import BOS_ID, EOS_ID, ModelConfig, Transformer, count_parameters
 from wdserve.distill.synthetic import generate_pairs
 from wdserve.distill.vocab import Vocab, train_sentencepiece
 from wdserve.distill.wd import WeightGenerator
-from wdserve.export.cli import configure_export, run_export
 from wdserve.export.convert import ExportError, TransformerConverter, convert_checkpoint, export_all
 from wdserve.export.verify import SKIPPED_NEEDS_CUDA, verify_export
 
@@ -261,9 +260,7 @@ def test_verify_export_detects_a_wrong_model(tmp_path, tiny_workdir):
 
 
 def wdserve_export(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    configure_export(parser)
-    return run_export(parser.parse_args(argv))
+    return main(["export", *argv])
 
 
 def test_cli_exports_several_quantizations_and_verifies(tmp_path, tiny_workdir, capsys):

@@ -1,7 +1,8 @@
 """``wdserve export CKPT OUT``: checkpoint to CTranslate2 directories, optionally verified.
 
 Heavy imports (PyTorch, CTranslate2) happen inside ``run_export`` so ``wdserve --help``
-stays light.
+stays light; the quantization list belongs to ``export.convert`` and is read from it when
+argparse needs it.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+from wdserve.cli import ImportedChoices
 from wdserve.errors import ConfigError, WdserveError
-
-QUANTIZATION_CHOICES = ("int8", "int8_float16", "float16", "bfloat16", "float32")  # = convert.QUANTIZATIONS
 
 
 def configure_export(parser: argparse.ArgumentParser) -> None:
@@ -20,9 +20,9 @@ def configure_export(parser: argparse.ArgumentParser) -> None:
                         help="a wdserve checkpoint (e.g. models/student/checkpoint_best.pt)")
     parser.add_argument("out", type=Path,
                         help="output directory; with several quantizations, OUT/<name>-<quantization>/ each")
-    parser.add_argument("--quantization", "-q", nargs="+", default=["float32"], choices=QUANTIZATION_CHOICES,
-                        metavar="Q",
-                        help=f"one or more of {', '.join(QUANTIZATION_CHOICES)} (default: float32)")
+    parser.add_argument("--quantization", "-q", nargs="+", default=["float32"], metavar="Q",
+                        choices=ImportedChoices("wdserve.export.convert", "QUANTIZATIONS"),
+                        help="one or more of %(choices)s (default: float32)")
     parser.add_argument("--name", help="model name (default: the checkpoint's meta name, else its file stem)")
     parser.add_argument("--force", action="store_true", help="replace existing non-empty output directories")
     parser.add_argument("--verify", action="store_true",

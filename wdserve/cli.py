@@ -1,9 +1,10 @@
 """The ``wdserve`` command line.
 
-Each subcommand lives beside the code it drives, in a module exposing
-``configure_<name>(parser)`` and ``run_<name>(args)``. Modules are
-imported only for the subcommand being run, so ``wdserve serve`` on a serving
-install never imports PyTorch.
+Each stage has one command-line module beside the code it drives, exposing
+``configure_<name>(parser)`` and ``run_<name>(args)`` for each of its subcommands.
+Building the parser imports no PyTorch or CTranslate2, and a subcommand's heavy
+modules are imported only when it runs, so ``wdserve serve`` on a serving install
+never imports PyTorch.
 
 ``run_<name>`` returns on success and raises on failure. A ``WdserveError`` becomes
 one line, ``wdserve <command>: error: <message>``, and its exit code (2 for a bad
@@ -14,9 +15,11 @@ exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import sys
+from collections.abc import Sequence
 
 from wdserve.errors import WdserveError
 
@@ -24,13 +27,37 @@ from wdserve.errors import WdserveError
 COMMANDS: dict[str, tuple[str, str]] = {
     "pipeline": ("wdserve.pipeline", "run every stage of a pipeline config (data to report)"),
     "data": ("wdserve.distill.cli", "write a synthetic corpus, or download Multi30k"),
-    "train": ("wdserve.distill.train_cli", "train a model on a parallel corpus"),
+    "train": ("wdserve.distill.cli", "train a model on a parallel corpus"),
     "evaluate": ("wdserve.distill.cli", "score a checkpoint or CTranslate2 model with sacreBLEU"),
-    "distill": ("wdserve.distill.distill_cli", "train one student from a teacher checkpoint"),
+    "distill": ("wdserve.distill.cli", "train one student from a teacher checkpoint"),
     "export": ("wdserve.export.cli", "convert a checkpoint to CTranslate2 and verify it"),
     "serve": ("wdserve.server.cli", "serve CTranslate2 models over HTTP"),
     "bench": ("wdserve.loadtest.cli", "load-test teacher against students and write a report"),
 }
+
+
+class ImportedChoices(Sequence[str]):
+    """argparse ``choices`` owned by a module that imports PyTorch or CTranslate2.
+
+    ``ImportedChoices("wdserve.export.convert", "QUANTIZATIONS")`` imports the owner only when argparse
+    checks a given value or prints the subcommand's help, so the list is written once and building the
+    parser stays light. The argument needs a ``metavar``: without one argparse lists the choices, and so
+    imports the owner, as soon as the argument is added.
+    """
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module = module
+        self.name = name
+
+    @functools.cached_property
+    def values(self) -> tuple[str, ...]:
+        return tuple(getattr(importlib.import_module(self.module), self.name))
+
+    def __getitem__(self, index: int) -> str:
+        return self.values[index]
+
+    def __len__(self) -> int:
+        return len(self.values)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -166,8 +166,9 @@ def test_seqkd_uses_the_ctranslate2_teacher_only_when_it_is_this_teacher(tiny_wo
 
 
 def test_wdserve_distill_command(corpus, tmp_path):
+    from wdserve.distill.cli import configure_distill, run_distill
     from wdserve.distill.data import write_parallel
-    from wdserve.distill.distill_cli import configure_distill, run_distill
+    from wdserve.errors import WdserveError
 
     write_parallel(corpus["train"][:12], tmp_path / "train.src", tmp_path / "train.tgt")
     write_parallel(corpus["valid"], tmp_path / "valid.src", tmp_path / "valid.tgt")
@@ -180,10 +181,11 @@ def test_wdserve_distill_command(corpus, tmp_path):
               "--device", "cpu", "--max-steps", "2"]
     args = parser.parse_args([*common, "--method", "seqkd", "--out", str(tmp_path / "kd"), "--preset", "stu1",
                               "--dec-layers", "2", "--seqkd", "--beam-size", "1"])
-    assert run_distill(args) == 0
+    run_distill(args)
     model, _, state = load_model(tmp_path / "kd" / "checkpoint_best.pt")
     assert (model.config.dec_layers, model.config.dec_dim, state["meta"]["name"]) == (2, 16, "kd")
     assert (tmp_path / "kd" / "seqkd" / "train.tgt").read_text().count("\n") == 12
     # k not a multiple: a clear error, no traceback.
     args = parser.parse_args([*common, "--method", "wd", "--out", str(tmp_path / "bad"), "--enc-layers", "3"])
-    assert run_distill(args) == 1
+    with pytest.raises(WdserveError, match="multiple"):
+        run_distill(args)

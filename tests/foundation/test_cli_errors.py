@@ -1,5 +1,6 @@
 """How ``wdserve`` reports failures: a ``WdserveError`` is one line and an exit code, a bug a traceback."""
 
+import importlib
 import sys
 import types
 
@@ -69,3 +70,19 @@ def test_train_names_an_unknown_config_section(tmp_path, capsys):
     assert code == 2
     assert capsys.readouterr().err == (f"wdserve train: error: {config}: unknown keys ['modle']; "
                                        "known: ['model', 'train']\n")
+
+
+@pytest.mark.parametrize("argv, owner, name", [
+    (["distill", "--method", "wd2"], "wdserve.distill.students", "METHODS"),
+    (["distill", "--preset", "stu3"], "wdserve.distill.students", "PRESETS"),
+    (["export", "ckpt.pt", "out", "-q", "int4"], "wdserve.export.convert", "QUANTIZATIONS"),
+])
+def test_an_unknown_choice_is_refused_with_its_owners_list(capsys, argv, owner, name):
+    """--method, --preset and --quantization accept exactly the lists their modules define (building the
+    parser imports neither module: see test_cli_data)."""
+    with pytest.raises(SystemExit) as exit_info:
+        wdserve.cli.main(argv)
+    assert exit_info.value.code == 2
+    choices = getattr(importlib.import_module(owner), name)
+    listed = ", ".join(map(repr, choices))
+    assert f"invalid choice: {argv[-1]!r} (choose from {listed})" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from torch import nn
 
 from wdserve.distill.batching import encode_pairs, make_batches
 from wdserve.distill.checkpoint import load_model, read_checkpoint
+from wdserve.distill.cli import configure_train, run_train
 from wdserve.distill.data import write_parallel
 from wdserve.distill.model import BOS_ID, EOS_ID, PAD_ID, ModelConfig, Transformer
 from wdserve.distill.synthetic import generate_pairs
@@ -26,8 +27,8 @@ from wdserve.distill.train import (
     label_smoothed_nll,
     train,
 )
-from wdserve.distill.train_cli import configure_train, run_train
 from wdserve.distill.vocab import Vocab, train_sentencepiece
+from wdserve.errors import ConfigError
 
 torch.set_num_threads(1)
 
@@ -340,7 +341,7 @@ def test_cli_trains_a_teacher_from_files(corpus, tmp_path, capsys):
                   "--valid-src", str(tmp_path / "valid.xx"), "--valid-tgt", str(tmp_path / "valid.yy"),
                   "--vocab", str(spm), "--out", str(tmp_path / "teacher"), "--config", str(settings),
                   "--max-steps", "3", "--source-lang", "xx", "--target-lang", "yy"])
-    assert run_train(args) == 0
+    run_train(args)
     report = json.loads(capsys.readouterr().out)
     assert report["steps"] == 3  # the flag overrides the file
     model, _, state = load_model(Path(report["best"]))
@@ -359,5 +360,5 @@ def test_cli_names_an_unknown_setting(corpus, tmp_path):
     args = parse(["--train-src", str(tmp_path / "t.xx"), "--train-tgt", str(tmp_path / "t.yy"),
                   "--valid-src", str(tmp_path / "t.xx"), "--valid-tgt", str(tmp_path / "t.yy"),
                   "--vocab", str(spm), "--out", str(tmp_path / "out"), "--config", str(settings)])
-    with pytest.raises(SystemExit, match="max_stepz"):
+    with pytest.raises(ConfigError, match="max_stepz"):
         run_train(args)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wdserve.distill.kd import frozen, kl_sum
+from wdserve.distill.losses import label_smoothed_nll, unwrap
 from wdserve.distill.model import PAD_ID, Transformer
 
 MAPPINGS = ("regular", "overlap", "skip", "cross")
@@ -87,8 +88,6 @@ class CKDStudent(nn.Module):
 
 
 def student_of(module: CKDStudent) -> Transformer:
-    from wdserve.distill.train import unwrap
-
     return unwrap(module).student
 
 
@@ -127,8 +126,6 @@ class CKDLoss:
         return total / (keep.sum() * len(groups)).clamp(min=1)
 
     def __call__(self, module: nn.Module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        from wdserve.distill.train import label_smoothed_nll, unwrap
-
         with torch.no_grad():
             memory, mask, teacher_hidden = self.teacher.encoder(batch.src, return_hidden=True)
             teacher_logits = self.teacher.decoder(batch.tgt_in, memory, mask)

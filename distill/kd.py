@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wdserve.distill.losses import label_smoothed_nll
 from wdserve.distill.model import PAD_ID, Transformer
 
 
@@ -57,8 +58,6 @@ class WordKDLoss:
         self.label_smoothing = label_smoothing
 
     def __call__(self, module: nn.Module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        from wdserve.distill.train import label_smoothed_nll
-
         with torch.no_grad():
             teacher_logits = self.teacher(batch.src, batch.tgt_in)
         logits = module(batch.src, batch.tgt_in)

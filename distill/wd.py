@@ -54,6 +54,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from wdserve.distill.losses import unwrap
 from wdserve.distill.model import ModelConfig, Transformer
 
 MODES = ("wd", "ws", "gated-ws")
@@ -293,8 +294,6 @@ class WeightGenerator(nn.Module):
 
 def live_student(generator: WeightGenerator) -> Transformer:
     """``student_of`` for ``distill.train.train``: the student kept equal to the generator's output."""
-    from wdserve.distill.train import unwrap
-
     generator = unwrap(generator)
     generator.sync_student()
     return generator.student

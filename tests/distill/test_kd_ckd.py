@@ -15,7 +15,7 @@ torch.set_num_threads(1)
 
 
 def test_word_kd_interpolates_gold_nll_and_teacher_kl(kit):
-    from wdserve.distill.train import label_smoothed_nll
+    from wdserve.distill.losses import label_smoothed_nll
 
     teacher, data = kit.teacher(), kit.batch()
     student = Transformer(kit.config(dec_layers=1)).eval()

@@ -17,14 +17,13 @@ from wdserve.distill.batching import encode_pairs, make_batches
 from wdserve.distill.checkpoint import load_model, read_checkpoint
 from wdserve.distill.cli import configure_train, run_train
 from wdserve.distill.data import write_parallel
+from wdserve.distill.losses import default_loss, label_smoothed_nll
 from wdserve.distill.model import BOS_ID, EOS_ID, PAD_ID, ModelConfig, Transformer
 from wdserve.distill.synthetic import generate_pairs
 from wdserve.distill.train import (
     TrainConfig,
     average_state_dicts,
-    default_loss,
     inverse_sqrt_lr,
-    label_smoothed_nll,
     train,
 )
 from wdserve.distill.vocab import Vocab, train_sentencepiece

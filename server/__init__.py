@@ -2,6 +2,7 @@
 
 settings.py (ServeSettings, WDSERVE_* variables) -> models.py (load directories, names and aliases)
 -> batching.py (per-model dynamic batcher) -> service.py (request checks and translation, as plain
-functions) -> app.py (create_app: lifespan, routes, error handlers) ; text.py (sentence splitting,
-text checks), schemas.py (request/response bodies), metrics.py (Prometheus), cli.py (wdserve serve).
+functions) -> app.py (create_app: lifespan, dependencies wrapping service.py, thin routes, error
+handlers) ; text.py (sentence splitting, text checks), schemas.py (request/response bodies),
+metrics.py (Prometheus), cli.py (wdserve serve).
 """

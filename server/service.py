@@ -21,6 +21,7 @@ from starlette.requests import Request
 from wdserve.server.batching import Batcher, DeadlineExceeded, QueueFull
 from wdserve.server.metrics import ServerMetrics
 from wdserve.server.models import ModelRegistry, ServedModel
+from wdserve.server.schemas import CompareRequest, TranslateRequest
 from wdserve.server.settings import ServeSettings
 from wdserve.server.text import TextError, check_text, join_sentences, split_sentences
 
@@ -150,6 +151,22 @@ def decoding_options(beam_size: int | None, max_length: int | None,
     return beam, length
 
 
+@dataclass(frozen=True)
+class Job:
+    """What to translate and how: the request's texts and decoding options, checked."""
+
+    texts: list[str]
+    beam_size: int
+    max_length: int
+
+
+def check_job(req: TranslateRequest | CompareRequest, settings: ServeSettings) -> Job:
+    """The request's texts, then its decoding options, checked against the server's limits."""
+    texts = check_texts(req.q, settings)
+    beam_size, max_length = decoding_options(req.beam_size, req.max_length, settings)
+    return Job(texts, beam_size, max_length)
+
+
 def choose_model(registry: ModelRegistry, settings: ServeSettings, name: str | None,
                  source: str, target: str | None) -> ServedModel:
     """The named model, or the default one, or any served model for the requested pair."""
@@ -175,12 +192,12 @@ def choose_model(registry: ModelRegistry, settings: ServeSettings, name: str | N
 
 # -- translating
 
-async def translate(state: ServerState, served: ServedModel, texts: list[str], beam_size: int,
-                    max_length: int) -> Translation:
+async def translate(state: ServerState, served: ServedModel, job: Job) -> Translation:
     """Splits every text into sentences, translates them all as one submission, joins them back."""
     started = time.perf_counter()
-    splits = [split_sentences(text) for text in texts]
+    splits = [split_sentences(text) for text in job.texts]
     pieces = [served.encode(sentence) for segments, _ in splits for sentence in segments]
+    max_length = job.max_length
     if served.max_positions:
         # CTranslate2 fails a whole batch on a position past the model's table, so check per sentence
         for sentence_pieces in pieces:
@@ -190,7 +207,7 @@ async def translate(state: ServerState, served: ServedModel, texts: list[str], b
         max_length = min(max_length, served.max_positions)
     batcher = state.batchers[served.name]
     try:
-        results = await batcher.translate(pieces, beam_size, max_length, state.settings.request_timeout_s)
+        results = await batcher.translate(pieces, job.beam_size, max_length, state.settings.request_timeout_s)
     except QueueFull as err:
         raise ApiError(503, str(err), {"Retry-After": str(err.retry_after_s)}) from err
     except DeadlineExceeded as err:

@@ -6,12 +6,16 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Annotated
 
+import httpx
 import pytest
+from fastapi import Depends, FastAPI, Header, Request, Response
 from pydantic import BaseModel
 from serve_helpers import SENTENCE, metric, run, serving, settings_for
 
-from wdserve.server.models import ModelRegistry
+from wdserve.server.app import PlainRoute, State, create_app, get_model
+from wdserve.server.models import ModelRegistry, ServedModel
 from wdserve.server.schemas import CompareResponse, TranslateResponse
 
 
@@ -326,3 +330,102 @@ def test_openapi_documents_every_route_and_error(tiny_workdir: Path, registry: M
         json.dumps(spec)
 
     run(scenario())
+
+
+def test_before_the_models_load_every_model_route_answers_503(tiny_workdir: Path,
+                                                              registry: ModelRegistry) -> None:
+    async def scenario() -> None:
+        app = create_app(settings_for(tiny_workdir), registry)  # lifespan not run: nothing is loaded
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://wdserve") as client:
+            for method, path in (("POST", "/translate"), ("POST", "/translate/compare"), ("GET", "/models"),
+                                 ("GET", "/languages"), ("GET", "/ready")):
+                response = await client.request(method, path, json={"q": SENTENCE})
+                assert response.status_code == 503, (path, response.text)
+                assert response.json() == {"error": "models are not loaded yet"}
+                assert response.headers["retry-after"] == "1"
+            assert (await client.get("/health")).status_code == 200
+
+    run(scenario())
+
+
+def test_checks_run_in_order_and_errors_are_counted_under_the_chosen_model(
+        tiny_workdir: Path, registry: ModelRegistry) -> None:
+    async def scenario() -> None:
+        async with serving(settings_for(tiny_workdir, api_keys=["k"]), registry) as client:
+            async def error(body: dict) -> tuple[int, str]:
+                response = await client.post("/translate", json=body)
+                return response.status_code, response.json()["error"]
+
+            # API key before the fields, the fields before the model, the model before the texts
+            assert (await error({"q": 5, "model": "nope"}))[0] == 403
+            assert (await error({"q": 5, "model": "nope", "api_key": "k"}))[0] == 422
+            assert "unknown model" in (await error({"q": [], "model": "nope", "api_key": "k"}))[1]
+            assert "q: the list is empty" in (await error({"q": [], "model": "teacher", "api_key": "k",
+                                                           "beam_size": 99}))[1]
+            metrics = (await client.get("/metrics")).text
+            assert metric(metrics, "wdserve_errors_total", route="/translate", model="-", status="403") == 1
+            assert metric(metrics, "wdserve_errors_total", route="/translate", model="-", status="400") == 1
+            assert metric(metrics, "wdserve_errors_total", route="/translate", model="teacher-int8",
+                          status="422") == 1
+
+            compared = await client.post("/translate/compare", json={"q": "", "api_key": "k"})
+            assert compared.status_code == 400 and "empty" in compared.json()["error"]
+            assert metric((await client.get("/metrics")).text, "wdserve_errors_total",
+                          route="/translate/compare", model="teacher-int8|student-int8", status="400") == 1
+
+    run(scenario())
+
+
+def test_dependency_overrides_reach_the_translation_routes(tiny_workdir: Path,
+                                                           registry: ModelRegistry) -> None:
+    async def always_the_kd_student(request: Request, state: State) -> ServedModel:
+        request.state.model = "student-kd-float32"
+        return state.registry.models["student-kd-float32"]
+
+    async def scenario() -> None:
+        app = create_app(settings_for(tiny_workdir), registry)
+        app.dependency_overrides[get_model] = always_the_kd_student
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://wdserve") as client:
+                response = await client.post("/translate", json={"q": SENTENCE, "model": "teacher"})
+                assert response.status_code == 200, response.text
+                assert response.json()["model"] == "student-kd-float32"
+                assert rendered_from(TranslateResponse, response.json())
+                app.dependency_overrides.clear()
+                response = await client.post("/translate", json={"q": SENTENCE, "model": "teacher"})
+                assert response.json()["model"] == "teacher-int8"
+
+    run(scenario())
+
+
+# endpoints a PlainRoute cannot solve (at module level: FastAPI resolves the annotations in the module)
+def sync_dependency() -> int:
+    return 1
+
+
+async def takes_sync(value: Annotated[int, Depends(sync_dependency)]) -> Response:
+    return Response()
+
+
+async def takes_header(token: Annotated[str, Header()]) -> Response:
+    return Response()
+
+
+async def header_dependency(request: Request, token: Annotated[str, Header()]) -> str:
+    return token
+
+
+async def takes_header_dependency(value: Annotated[str, Depends(header_dependency)]) -> Response:
+    return Response()
+
+
+@pytest.mark.parametrize(("endpoint", "words"), [
+    (takes_sync, "dependency <function sync_dependency .*> must be an async function"),
+    (takes_header, "takes_header takes header parameters"),
+    (takes_header_dependency, "header_dependency takes header parameters"),
+])
+def test_plain_routes_refuse_what_they_cannot_solve_when_the_app_is_built(endpoint, words: str) -> None:
+    with pytest.raises(TypeError, match=words):
+        FastAPI().router.add_api_route("/x", endpoint, methods=["POST"], route_class_override=PlainRoute)

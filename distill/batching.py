@@ -1,4 +1,4 @@
-"""Token-count batches: the examples training reads, grouped by length and padded.
+"""Token ids to tensors: the one padding function, and the token-count batches training reads.
 
 An example is (source pieces + ``</s>``, target pieces without specials). A batch
 feeds the decoder ``<s> + target`` and scores it against ``target + </s>``; every
@@ -33,6 +33,14 @@ class Batch:
                      self.tgt_out.to(device, non_blocking=True), self.n_tokens)
 
 
+def pad_ids(rows: list[list[int]], device: str | torch.device = "cpu") -> torch.Tensor:
+    """``rows`` of token ids right-padded with ``PAD_ID`` into one (len(rows), longest row) tensor."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), PAD_ID, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out.to(device)  # built on the CPU: one copy to the device, not one per row
+
+
 def encode_pairs(vocab: Vocab, pairs: Iterable[tuple[str, str]]) -> list[Example]:
     """(source pieces + EOS, target pieces) per pair, the input ``make_batches`` expects."""
     return [(vocab.encode(src) + [EOS_ID], vocab.encode(tgt)) for src, tgt in pairs]
@@ -43,18 +51,11 @@ def _cost(example: Example) -> int:
     return max(len(src), len(tgt) + 1)
 
 
-def _pad(rows: list[list[int]]) -> torch.Tensor:
-    out = torch.full((len(rows), max(len(r) for r in rows)), PAD_ID, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
-
-
 def _collate(group: list[Example]) -> Batch:
     return Batch(
-        src=_pad([src for src, _ in group]),
-        tgt_in=_pad([[BOS_ID, *tgt] for _, tgt in group]),
-        tgt_out=_pad([[*tgt, EOS_ID] for _, tgt in group]),
+        src=pad_ids([src for src, _ in group]),
+        tgt_in=pad_ids([[BOS_ID, *tgt] for _, tgt in group]),
+        tgt_out=pad_ids([[*tgt, EOS_ID] for _, tgt in group]),
         n_tokens=sum(len(tgt) + 1 for _, tgt in group),
     )
 

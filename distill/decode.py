@@ -26,6 +26,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from wdserve.distill.batching import pad_ids
 from wdserve.distill.model import BOS_ID, EOS_ID, PAD_ID, Transformer
 from wdserve.distill.vocab import Vocab
 
@@ -180,12 +181,8 @@ def _beam_search(
 def sequence_log_probs(model: Transformer, src: torch.Tensor, hypotheses: list[list[int]]) -> torch.Tensor:
     """Teacher-forced ``sum(log p)`` of each hypothesis (ids without specials) followed by ``</s>``: (B,)."""
     with _eval_mode(model):
-        width = max(len(ids) for ids in hypotheses) + 1
-        tgt_in = torch.full((len(hypotheses), width), PAD_ID, dtype=torch.long, device=src.device)
-        tgt_out = torch.full_like(tgt_in, PAD_ID)
-        for row, ids in enumerate(hypotheses):
-            tgt_in[row, : len(ids) + 1] = torch.tensor([BOS_ID, *ids])
-            tgt_out[row, : len(ids) + 1] = torch.tensor([*ids, EOS_ID])
+        tgt_in = pad_ids([[BOS_ID, *ids] for ids in hypotheses], src.device)  # (B, T)
+        tgt_out = pad_ids([[*ids, EOS_ID] for ids in hypotheses], src.device)  # (B, T)
         log_probs = F.log_softmax(model(src, tgt_in).float(), dim=-1)  # (B, T, V)
         picked = log_probs.gather(2, tgt_out[:, :, None]).squeeze(2)  # (B, T)
         return (picked * (tgt_out != PAD_ID)).sum(dim=1)
@@ -202,13 +199,6 @@ def encode_sources(vocab: Vocab, sentences: list[str], max_positions: int) -> li
             ids = ids[: max_positions - 1] + [EOS_ID]
         encoded.append(ids)
     return encoded
-
-
-def pad_batch(sequences: list[list[int]], device: str | torch.device = "cpu") -> torch.Tensor:
-    batch = torch.full((len(sequences), max(len(s) for s in sequences)), PAD_ID, dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        batch[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return batch.to(device)
 
 
 @torch.inference_mode()
@@ -235,7 +225,7 @@ def translate(
     results: list[str] = [""] * len(encoded)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        src = pad_batch([encoded[i] for i in chunk], device)
+        src = pad_ids([encoded[i] for i in chunk], device)
         if beam_size == 1:
             outputs = greedy_search(model, src, max_len_a=max_len_a, max_len_b=max_len_b)
         else:

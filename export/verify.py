@@ -28,8 +28,9 @@ import numpy as np
 import sacrebleu
 import torch
 
+from wdserve.distill.batching import pad_ids
 from wdserve.distill.checkpoint import file_sha256
-from wdserve.distill.model import BOS_ID, EOS_ID, PAD_ID, Transformer
+from wdserve.distill.model import BOS_ID, EOS_ID, Transformer
 from wdserve.distill.vocab import Vocab
 from wdserve.export.convert import METADATA_FILENAME, ExportError, load_exportable
 
@@ -154,9 +155,9 @@ def _compare_with_pytorch(
     diffs: list[np.ndarray] = []
     for start in range(0, len(sources), batch_size):
         chunk = range(start, min(start + batch_size, len(sources)))
-        src = _pad([_ids(vocab, sources[i]) + [EOS_ID] for i in chunk], device)  # (B, S)
+        src = pad_ids([_ids(vocab, sources[i]) + [EOS_ID] for i in chunk], device)  # (B, S)
         targets = [_ids(vocab, hypotheses[i]) + [EOS_ID] for i in chunk]
-        tgt_in = _pad([[BOS_ID] + t[:-1] for t in targets], device)  # (B, T)
+        tgt_in = pad_ids([[BOS_ID] + t[:-1] for t in targets], device)  # (B, T)
         log_probs = torch.log_softmax(model(src, tgt_in).float(), dim=-1).cpu()  # (B, T, V)
         for row, i in enumerate(chunk):
             target = torch.tensor(targets[row])
@@ -184,8 +185,3 @@ def _compare_with_pytorch(
         "mean_logprob_diff": float(all_diffs.mean()),
         "mean_output_tokens": float(np.mean([len(h) for h in hypotheses])),
     }
-
-
-def _pad(rows: list[list[int]], device: str) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [PAD_ID] * (width - len(r)) for r in rows], dtype=torch.long, device=device)

@@ -46,11 +46,8 @@ def _warm_up(model, examples: list[tuple[list[int], list[int]]], steps: int) -> 
     """A few teacher-forced cross-entropy steps (independent of distill.train on purpose)."""
     import torch.nn.functional as F
 
+    from wdserve.distill.batching import pad_ids
     from wdserve.distill.model import BOS_ID, EOS_ID, PAD_ID
-
-    def pad(rows: list[list[int]]) -> torch.Tensor:
-        width = max(len(r) for r in rows)
-        return torch.tensor([r + [PAD_ID] * (width - len(r)) for r in rows])
 
     torch.set_num_threads(1)  # CTranslate2 raises the OpenMP thread count it shares with torch; undo that
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -58,8 +55,8 @@ def _warm_up(model, examples: list[tuple[list[int], list[int]]], steps: int) -> 
     for step in range(steps):
         start = (step * 32) % (len(examples) - 32)
         batch = examples[start : start + 32]
-        src = pad([s for s, _ in batch])
-        tgt_in, tgt_out = pad([[BOS_ID] + t for _, t in batch]), pad([t + [EOS_ID] for _, t in batch])
+        src = pad_ids([s for s, _ in batch])
+        tgt_in, tgt_out = pad_ids([[BOS_ID] + t for _, t in batch]), pad_ids([t + [EOS_ID] for _, t in batch])
         loss = F.cross_entropy(model(src, tgt_in).transpose(1, 2), tgt_out, ignore_index=PAD_ID)
         optimizer.zero_grad()
         loss.backward()

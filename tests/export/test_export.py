@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from wdserve.cli import main
+from wdserve.distill.batching import pad_ids
 from wdserve.distill.checkpoint import file_sha256, read_checkpoint, save_checkpoint
-from wdserve.distill.decode import greedy_search, pad_batch
+from wdserve.distill.decode import greedy_search
 from wdserve.distill.model import BOS_ID, EOS_ID, ModelConfig, Transformer, count_parameters
 from wdserve.distill.synthetic import generate_pairs
 from wdserve.distill.vocab import Vocab, train_sentencepiece
@@ -74,8 +75,8 @@ def max_logprob_diff(model: Transformer, vocab: Vocab, model_dir: Path, pieces: 
     """Largest |CTranslate2 - PyTorch| per-token log-probability of ``targets`` (+ </s>)."""
     scores = ctranslate2.Translator(str(model_dir)).score_batch(
         pieces, [[vocab.sp.id_to_piece(i) for i in t] for t in targets])
-    src = pad_batch([[vocab.sp.piece_to_id(p) for p in s] + [EOS_ID] for s in pieces])
-    tgt_in = pad_batch([[BOS_ID] + t for t in targets])
+    src = pad_ids([[vocab.sp.piece_to_id(p) for p in s] + [EOS_ID] for s in pieces])
+    tgt_in = pad_ids([[BOS_ID] + t for t in targets])
     with torch.no_grad():
         log_probs = torch.log_softmax(model(src, tgt_in), dim=-1)
     worst = 0.0
@@ -94,7 +95,7 @@ def test_float32_export_matches_pytorch(tmp_path, corpus, overrides):
     out = convert_checkpoint(checkpoint, tmp_path / "ct2")
     pieces = [vocab.encode_pieces(s) for s in sentences]
 
-    ours = greedy_search(model, pad_batch([vocab.encode(s) + [EOS_ID] for s in sentences]),
+    ours = greedy_search(model, pad_ids([vocab.encode(s) + [EOS_ID] for s in sentences]),
                          max_len_a=0, max_len_b=MAX_LENGTH)
     theirs = [[vocab.sp.piece_to_id(p) for p in h] for h in ct2_greedy(out, pieces)]
     assert theirs == ours
@@ -119,7 +120,7 @@ def test_folded_weight_distilled_student_matches_pytorch(tmp_path, corpus):
     out = convert_checkpoint(checkpoint, tmp_path / "ct2")
     pieces = [vocab.encode_pieces(s) for s in sentences]
     hypotheses = [[vocab.sp.piece_to_id(p) for p in h] for h in ct2_greedy(out, pieces)]
-    assert hypotheses == greedy_search(student, pad_batch([vocab.encode(s) + [EOS_ID] for s in sentences]),
+    assert hypotheses == greedy_search(student, pad_ids([vocab.encode(s) + [EOS_ID] for s in sentences]),
                                        max_len_a=0, max_len_b=MAX_LENGTH)
     assert max_logprob_diff(student, vocab, out, pieces, hypotheses) < TOLERANCE
 

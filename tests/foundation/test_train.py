@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wdserve.distill.batching import encode_pairs, make_batches
+from wdserve.distill.batching import encode_pairs, make_batches, pad_ids
 from wdserve.distill.checkpoint import load_model, read_checkpoint
 from wdserve.distill.cli import configure_train, run_train
 from wdserve.distill.data import write_parallel
@@ -90,6 +90,12 @@ def test_make_batches_gives_an_oversized_example_its_own_batch():
     batches = make_batches(examples, max_tokens=20)
     assert sorted(b.src.size(0) for b in batches) == [1, 2]
     assert max(b.src.size(1) for b in batches) == 41
+
+
+def test_pad_ids_right_pads_every_row_to_the_longest():
+    padded = pad_ids([[5, 6, 7], [8], [9, 10]])
+    assert padded.dtype == torch.long
+    assert padded.tolist() == [[5, 6, 7], [8, PAD_ID, PAD_ID], [9, 10, PAD_ID]]
 
 
 def test_label_smoothed_nll_matches_cross_entropy_and_ignores_padding():

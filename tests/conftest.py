@@ -66,7 +66,8 @@ def _warm_up(model, examples: list[tuple[list[int], list[int]]], steps: int) -> 
 
 @pytest.fixture(scope="session")
 def tiny_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run directory in the pipeline layout (see COMMON.md), with barely trained models:
+    """A run directory as ``wdserve pipeline`` lays it out (README.md, "The pipeline"), with barely
+    trained models:
 
     ``data/{train,valid,test}.{src,tgt}``, ``vocab/spm.model``,
     ``models/{teacher,student,student-kd}/checkpoint_best.pt`` and

@@ -26,14 +26,14 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from wdserve.artifacts import OutputLimit
 from wdserve.distill.batching import pad_ids
 from wdserve.distill.model import BOS_ID, EOS_ID, PAD_ID, Transformer
 from wdserve.distill.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_LEN_A = 1.5
-DEFAULT_MAX_LEN_B = 10
+DEFAULT_MAX_LEN_A, DEFAULT_MAX_LEN_B = OutputLimit.ratio, OutputLimit.margin  # as served
 
 
 @contextlib.contextmanager

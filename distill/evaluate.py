@@ -7,11 +7,17 @@ number says exactly how it was computed.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
+from wdserve.artifacts import (
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_OUTPUT_LIMIT,
+    ExportDir,
+    OutputLimit,
+    translate_corpus,
+)
 from wdserve.distill.data import read_parallel
 
 log = logging.getLogger(__name__)
@@ -74,49 +80,31 @@ def evaluate_ctranslate2(
     device: str = "cpu",
     compute_type: str = "default",
     batch_size: int = 32,
-    max_decoding_length: int = 256,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    output_limit: OutputLimit = DEFAULT_OUTPUT_LIMIT,
 ) -> dict:
-    """Like ``evaluate_checkpoint``, for an exported directory (CTranslate2 files + sentencepiece.model).
+    """Like ``evaluate_checkpoint``, for an exported directory, decoded as ``wdserve serve`` decodes it.
 
-    ``max_decoding_length`` is CTranslate2's own cap on output tokens (one for all sentences);
-    it and the input length are lowered to the model's ``max_positions`` (from ``model.json``),
-    past which CTranslate2 has no position encodings.
+    Every sentence is held to ``output_limit`` and ``max_length`` (the server's defaults) and the
+    model's ``max_positions``, through the same bounded call the server makes, so the score is the
+    one the service delivers.
     """
     import ctranslate2
     import sentencepiece as spm
 
-    model_dir = Path(model_dir)
-    for required in ("model.bin", "sentencepiece.model"):
-        if not (model_dir / required).is_file():
-            raise FileNotFoundError(
-                f"{model_dir} is not an exported wdserve model: {required} is missing "
-                "(create one with `wdserve export`)"
-            )
-    max_positions = _exported_max_positions(model_dir)
-    if max_positions is not None:
-        max_decoding_length = min(max_decoding_length, max_positions)
+    export = ExportDir.read(model_dir, require_info=False)
     pairs = read_parallel(src_path, ref_path)
-    sp = spm.SentencePieceProcessor(model_file=str(model_dir / "sentencepiece.model"))
-    translator = ctranslate2.Translator(str(model_dir), device=device, compute_type=compute_type)
+    sp = spm.SentencePieceProcessor(model_file=str(export.vocab))
+    translator = ctranslate2.Translator(str(export.path), device=device, compute_type=compute_type)
     started = time.perf_counter()
-    results = translator.translate_batch(
-        [sp.encode(source, out_type=str) for source, _ in pairs],
-        beam_size=beam_size, max_batch_size=batch_size, max_decoding_length=max_decoding_length,
-        max_input_length=max_positions or 1024,
-    )
-    hypotheses = [sp.decode(result.hypotheses[0]) for result in results]
+    sources = [sp.encode(source, out_type=str) for source, _ in pairs]
+    hypotheses = [""] * len(sources)
+    for indices, outputs in translate_corpus(translator, sources, beam_size, batch_size, max_length,
+                                             output_limit, export.max_positions):
+        for i, pieces in zip(indices, outputs, strict=True):
+            hypotheses[i] = sp.decode(pieces)
     seconds = time.perf_counter() - started
     return _result(hypotheses, [r for _, r in pairs], beam_size, seconds)
-
-
-def _exported_max_positions(model_dir: Path) -> int | None:
-    metadata = model_dir / "model.json"
-    if not metadata.is_file():
-        return None
-    try:
-        return int(json.loads(metadata.read_text(encoding="utf-8"))["architecture"]["max_positions"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{metadata}: cannot read architecture.max_positions ({err})") from err
 
 
 def _result(hypotheses: list[str], references: list[str], beam_size: int, seconds: float) -> dict:

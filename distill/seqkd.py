@@ -19,12 +19,12 @@ import logging
 import time
 from pathlib import Path
 
+from wdserve.artifacts import DEFAULT_OUTPUT_LIMIT, ArtifactError, ExportDir
 from wdserve.distill.checkpoint import atomic_save_text, file_sha256
 
 log = logging.getLogger(__name__)
 
 CHUNK = 2000  # sentences per progress line
-MAX_LEN_A, MAX_LEN_B = 1.5, 10  # same output length limit as distill.decode
 
 
 def sources_sha256(sources: list[str]) -> str:
@@ -107,12 +107,11 @@ def generate_seqkd_targets(
 
 def _ct2_matches(model_dir: Path, teacher_sha: str) -> bool:
     """True when ``model_dir`` is a CTranslate2 export of this very teacher checkpoint."""
-    meta_path = model_dir / "model.json"
-    if not meta_path.is_file() or not (model_dir / "sentencepiece.model").is_file():
-        log.warning("%s is not an exported model (model.json / sentencepiece.model missing); "
-                    "using PyTorch beam search", model_dir)
+    try:
+        exported = ExportDir.read(model_dir).info.checkpoint_sha256
+    except ArtifactError as err:
+        log.warning("%s; using PyTorch beam search", err)
         return False
-    exported = json.loads(meta_path.read_text(encoding="utf-8")).get("checkpoint_sha256")
     if exported != teacher_sha:
         log.warning("%s was exported from another checkpoint (sha256 %s); using PyTorch beam search",
                     model_dir, str(exported)[:12])
@@ -131,15 +130,15 @@ def _translate_ct2(
     import ctranslate2
     import sentencepiece as spm
 
-    meta = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
-    max_positions = meta.get("architecture", {}).get("max_positions", 512)
-    sp = spm.SentencePieceProcessor(model_file=str(model_dir / "sentencepiece.model"))
+    export = ExportDir.read(model_dir)
+    max_positions = export.max_positions or 512
+    sp = spm.SentencePieceProcessor(model_file=str(export.vocab))
     translator = ctranslate2.Translator(
         str(model_dir), device="cuda" if str(device).startswith("cuda") else "cpu"
     )
     # add_source_eos is set in the exported model: pass pieces only, cut to leave room for </s>.
     pieces = [sp.encode(s, out_type=str)[: max_positions - 1] for s in sources]
-    # One call per source length, so each sentence gets exactly distill.decode's length limit
+    # One call per source length, so each sentence gets exactly its own output limit
     # (CTranslate2's max_decoding_length applies to a whole call).
     by_length: dict[int, list[int]] = {}
     for i, p in enumerate(pieces):
@@ -148,7 +147,7 @@ def _translate_ct2(
     done = logged = 0
     for length in sorted(by_length):
         indices = by_length[length]
-        limit = min(max_positions, int(MAX_LEN_A * (length + 1) + MAX_LEN_B))  # + 1: the source's </s>
+        limit = DEFAULT_OUTPUT_LIMIT.tokens(length, max_positions)
         for start in range(0, len(indices), CHUNK):
             chunk = indices[start : start + CHUNK]
             outputs = translator.translate_batch([pieces[i] for i in chunk], beam_size=beam_size,

@@ -29,7 +29,6 @@ them in place, and a spec built from views would corrupt the live model.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -42,6 +41,7 @@ import torch
 from ctranslate2.converters import Converter
 from ctranslate2.specs import common_spec, transformer_spec
 
+from wdserve.artifacts import EXPORT_VOCAB, QUANTIZATIONS, ExportDir, ExportInfo
 from wdserve.distill.checkpoint import file_sha256, read_checkpoint
 from wdserve.distill.model import (
     SPECIAL_TOKENS,
@@ -57,10 +57,7 @@ from wdserve.errors import WdserveError
 
 log = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("int8", "int8_float16", "float16", "bfloat16", "float32")
 ACTIVATIONS = {"relu": common_spec.Activation.RELU, "gelu": common_spec.Activation.GELU}  # GELU = erf form
-SPM_FILENAME = "sentencepiece.model"
-METADATA_FILENAME = "model.json"
 
 
 class ExportError(WdserveError, ValueError):
@@ -322,22 +319,20 @@ def _write_model_dir(
             TransformerConverter(model, vocab).convert(str(tmp), quantization=quantization, force=True)
         except (ValueError, NotImplementedError) as err:
             raise ExportError(f"{checkpoint}: CTranslate2 rejected the converted model: {err}") from err
-        (tmp / SPM_FILENAME).write_bytes(vocab.model_bytes)
-        metadata = {
-            "name": name or _default_name(state, checkpoint),
-            "source_lang": meta.get("source_lang"),
-            "target_lang": meta.get("target_lang"),
-            "method": meta.get("method"),
-            "architecture": model.config.to_dict(),
-            "parameters": count_parameters(model),
-            "checkpoint": str(checkpoint),
-            "checkpoint_sha256": sha256,
-            "quantization": quantization,
-            "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        if meta.get("teacher_sha256"):
-            metadata["teacher_sha256"] = meta["teacher_sha256"]
-        (tmp / METADATA_FILENAME).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        (tmp / EXPORT_VOCAB).write_bytes(vocab.model_bytes)
+        ExportDir.write_info(tmp, ExportInfo(
+            name=name or _default_name(state, checkpoint),
+            quantization=quantization,
+            source_lang=meta.get("source_lang"),
+            target_lang=meta.get("target_lang"),
+            method=meta.get("method"),
+            architecture=model.config.to_dict(),
+            parameters=count_parameters(model),
+            checkpoint=str(checkpoint),
+            checkpoint_sha256=sha256,
+            teacher_sha256=meta.get("teacher_sha256"),
+            exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        ))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

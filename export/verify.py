@@ -19,7 +19,6 @@ int8_float16 on a CPU) are reported as ``"skipped: needs CUDA"``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -28,11 +27,12 @@ import numpy as np
 import sacrebleu
 import torch
 
+from wdserve.artifacts import ExportDir
 from wdserve.distill.batching import pad_ids
 from wdserve.distill.checkpoint import file_sha256
 from wdserve.distill.model import BOS_ID, EOS_ID, Transformer
 from wdserve.distill.vocab import Vocab
-from wdserve.export.convert import METADATA_FILENAME, ExportError, load_exportable
+from wdserve.export.convert import ExportError, load_exportable
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +76,16 @@ def verify_export(
     outputs: dict[str, list[str]] = {}
     for label, model_dir in model_dirs.items():
         model_dir = Path(model_dir)
-        metadata = _read_metadata(model_dir)
-        quantization = metadata.get("quantization", label)
+        info = ExportDir.read(model_dir).info
+        quantization = info.quantization
         entry: dict = {"model_dir": str(model_dir), "quantization": quantization}
         variants[label] = entry
         if quantization not in supported:
             entry["status"] = SKIPPED_NEEDS_CUDA if device == "cpu" else f"skipped: not supported on {device}"
             continue
-        if metadata.get("checkpoint_sha256") != sha:
+        if info.checkpoint_sha256 != sha:
             log.warning("%s was exported from another checkpoint than %s", model_dir, checkpoint)
-        entry["same_checkpoint"] = metadata.get("checkpoint_sha256") == sha
+        entry["same_checkpoint"] = info.checkpoint_sha256 == sha
         translator = ctranslate2.Translator(str(model_dir), device=device, compute_type=quantization)
         started = time.perf_counter()
         results = translator.translate_batch(
@@ -125,13 +125,6 @@ def verify_export(
         "float32_parity": parity,
         "variants": variants,
     }
-
-
-def _read_metadata(model_dir: Path) -> dict:
-    path = model_dir / METADATA_FILENAME
-    if not path.is_file():
-        raise ExportError(f"{model_dir} is not a wdserve export (no {METADATA_FILENAME})")
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _ids(vocab: Vocab, pieces: list[str]) -> list[int]:

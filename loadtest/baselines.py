@@ -3,62 +3,27 @@
 These are the two reference points of the report: direct CTranslate2 is what the
 server could do at best (server efficiency = HTTP throughput / direct throughput),
 and the PyTorch teacher is what a user would get without export and students.
-Tokens are counted as in the locustfile: whitespace-separated words of the output.
+Words are counted as in the locustfile: whitespace-separated words of the output.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wdserve.loadtest.accounting import BenchError
+from wdserve.artifacts import ExportDir, translate_corpus
+from wdserve.distill.evaluate import score
 
 log = logging.getLogger("wdserve.bench")
 
-EXPORT_METADATA = "model.json"
-EXPORT_VOCAB = "sentencepiece.model"
 
-
-@dataclass(frozen=True)
-class ExportInfo:
-    """One CTranslate2 directory of DIR/export, described by its model.json."""
-
-    path: Path
-    name: str  # the checkpoint's model name: teacher, student, student-kd
-    quantization: str
-    method: str
-    source_lang: str
-    target_lang: str
-    parameters: int | None
-
-    @property
-    def dir_name(self) -> str:
-        return self.path.name
-
-
-def discover_exports(workdir: Path) -> list[ExportInfo]:
-    """Every exported model under ``workdir/export``, teacher first, then by name and quantization."""
-    root = Path(workdir) / "export"
-    exports = []
-    for meta_path in sorted(root.glob(f"*/{EXPORT_METADATA}")):
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            exports.append(ExportInfo(
-                path=meta_path.parent, name=meta["name"], quantization=meta["quantization"],
-                method=meta.get("method", "unknown"), source_lang=meta["source_lang"],
-                target_lang=meta["target_lang"], parameters=meta.get("parameters"),
-            ))
-        except (ValueError, KeyError) as err:
-            raise BenchError(f"{meta_path}: not a wdserve export description ({err!r})") from err
-    if not exports:
-        raise BenchError(f"no CTranslate2 exports under {root} (no */{EXPORT_METADATA}); "
-                         "run `wdserve pipeline` or `wdserve export` first")
-    return sorted(exports, key=lambda e: (e.name != "teacher", e.name, e.quantization))
+def quality(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """Corpus BLEU and chrF (sacreBLEU defaults) of detokenized text."""
+    result = score(hypotheses, references)
+    return {"bleu": result["bleu"], "chrf": result["chrf"]}
 
 
 def word_count(texts: list[str]) -> int:
@@ -72,50 +37,34 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[int(rank) - 1]
 
 
-def score(hypotheses: list[str], references: list[str]) -> dict[str, float]:
-    """Corpus BLEU and chrF (sacreBLEU defaults) of detokenized text."""
-    import sacrebleu
-
-    return {
-        "bleu": round(sacrebleu.corpus_bleu(hypotheses, [references]).score, 2),
-        "chrf": round(sacrebleu.corpus_chrf(hypotheses, [references]).score, 2),
-    }
-
-
 class DirectTranslator:
     """CTranslate2 + SentencePiece, called the way the server calls them, minus HTTP."""
 
-    def __init__(self, export: ExportInfo, threads: int = 0) -> None:
+    def __init__(self, export: ExportDir, threads: int = 0) -> None:
         import ctranslate2
         import sentencepiece
 
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(export.path / EXPORT_VOCAB))
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(export.vocab))
         self.translator = ctranslate2.Translator(str(export.path), device="cpu", intra_threads=threads)
+        self.max_positions = export.max_positions
 
     def translate(self, sentences: list[str], beam_size: int, max_length: int, batch_size: int,
                   sort_by_length: bool = True) -> list[str]:
         """Batches of ``batch_size`` sentences, each held to the server's per-sentence output limit: of
         similar length, as CTranslate2's own ``max_batch_size`` would make them, or in the given order,
         as requests arrive at the server (``sort_by_length=False``)."""
-        from wdserve.server.models import translate_bounded
-        from wdserve.server.settings import OutputLimit
-
         pieces = [self.sp.encode(sentence, out_type=str) for sentence in sentences]
-        order = list(range(len(pieces)))
-        if sort_by_length:
-            order.sort(key=lambda i: len(pieces[i]))
         outputs: list[str] = [""] * len(pieces)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            hypotheses = translate_bounded(self.translator, [pieces[i] for i in chunk], beam_size, max_length,
-                                           OutputLimit())
-            for i, hypothesis in zip(chunk, hypotheses, strict=True):
+        batches = translate_corpus(self.translator, pieces, beam_size, batch_size, max_length,
+                                   max_positions=self.max_positions, sort_by_length=sort_by_length)
+        for indices, hypotheses in batches:
+            for i, hypothesis in zip(indices, hypotheses, strict=True):
                 outputs[i] = self.sp.decode(hypothesis)
         return outputs
 
 
 def measure_direct(
-    export: ExportInfo,
+    export: ExportDir,
     sentences: list[str],
     references: list[str],
     beam_size: int,
@@ -147,10 +96,10 @@ def measure_direct(
     tokens = word_count(outputs)
     return {
         "export": export.dir_name,
-        "name": export.name,
-        "method": export.method,
-        "quantization": export.quantization,
-        "parameters": export.parameters,
+        "name": export.info.name,
+        "method": export.info.method,
+        "quantization": export.info.quantization,
+        "parameters": export.info.parameters,
         "sentences": len(sentences),
         "batch_size": batch_size,
         "passes": passes,
@@ -163,11 +112,11 @@ def measure_direct(
         "p95_ms": round(percentile(latencies, 95), 3),
         "p99_ms": round(percentile(latencies, 99), 3),
         "mean_ms": round(statistics.fmean(latencies), 3),
-        **score(outputs, references),
+        **quality(outputs, references),
     }
 
 
-def measure_direct_cpu(export: ExportInfo, sentences: list[str], beam_size: int, max_length: int,
+def measure_direct_cpu(export: ExportDir, sentences: list[str], beam_size: int, max_length: int,
                        batch_size: int, threads: int, min_seconds: float) -> dict[str, Any]:
     """Direct CTranslate2 priced as the server is: process CPU time per sentence (and sentences/s) for
     batches of ``batch_size`` in arrival order, i.e. unsorted, as the server's batcher forms them.
@@ -225,5 +174,5 @@ def measure_pytorch_teacher(
         "sentences_per_s": round(len(sentences) / seconds, 3),
         "tokens_per_s": round(tokens / seconds, 3),
         "tokens": tokens,
-        **score(outputs, references),
+        **quality(outputs, references),
     }

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wdserve.artifacts import ArtifactError, ExportDir, RunDir
 from wdserve.loadtest.accounting import (
     LOAD_SATURATED,
     BenchError,
@@ -51,8 +52,6 @@ from wdserve.loadtest.accounting import (
     utilization,
 )
 from wdserve.loadtest.baselines import (
-    ExportInfo,
-    discover_exports,
     measure_direct,
     measure_direct_cpu,
     measure_pytorch_teacher,
@@ -107,7 +106,7 @@ class BenchOptions:
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.out) if self.out else Path(self.workdir) / "bench"
+        return Path(self.out) if self.out else RunDir(self.workdir).bench
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -115,7 +114,7 @@ class BenchOptions:
 
 
 def read_test_set(workdir: Path, limit: int) -> tuple[list[str], list[str]]:
-    src, tgt = Path(workdir) / "data" / "test.src", Path(workdir) / "data" / "test.tgt"
+    src, tgt = RunDir(workdir).data("test", "src"), RunDir(workdir).data("test", "tgt")
     for path in (src, tgt):
         if not path.is_file():
             raise BenchError(f"test set file not found: {path} (run `wdserve pipeline` on {workdir} first)")
@@ -139,9 +138,9 @@ def server_threads_per_model(n_models: int, cores: int | None = None) -> int:
     return ServeSettings().thread_plan(n_models, cores)[1]
 
 
-def choose_models(exports: list[ExportInfo], requested: list[str] | None) -> list[str]:
+def choose_models(exports: list[ExportDir], requested: list[str] | None) -> list[str]:
     """Model names to load-test, teacher first: ``requested`` or every exported name."""
-    available = sorted({e.name for e in exports}, key=lambda n: (n != "teacher", n))
+    available = sorted({e.info.name for e in exports}, key=lambda n: (n != "teacher", n))
     names = requested or available
     unknown = [n for n in names if n not in available]
     if unknown:
@@ -490,7 +489,7 @@ def _run_bench(options: BenchOptions) -> dict[str, Any]:
         if stale.is_file():
             stale.unlink()
 
-    exports = discover_exports(workdir)
+    exports = _exports(workdir)
     models = choose_models(exports, options.models)
     plan = CpuPlan.choose(available_cpus(), options.server_cpus, options.load_cpus)
     if plan.shared:
@@ -500,8 +499,8 @@ def _run_bench(options: BenchOptions) -> dict[str, Any]:
     sentences, references = read_test_set(workdir, options.max_sentences)
     sentences_path = out / "sentences.src"
     sentences_path.write_text("\n".join(sentences) + "\n", encoding="utf-8")
-    teacher_export = next(e for e in exports if e.name == "teacher")
-    languages = (teacher_export.source_lang, teacher_export.target_lang)
+    teacher = next(e.info for e in exports if e.info.name == "teacher")
+    languages = (teacher.source_lang, teacher.target_lang)
     log.info("bench: %s against %s, %d sentences, beam %d; server on CPU(s) %s, load generator on %s, "
              "%d thread(s) per direct run", models[0], ", ".join(models[1:]), len(sentences),
              options.beam_size, format_cpus(plan.server), format_cpus(plan.load), threads)
@@ -515,7 +514,7 @@ def _run_bench(options: BenchOptions) -> dict[str, Any]:
             log.info("direct CTranslate2 %s: %.1f sentences/s, p50 %.1f ms, BLEU %.2f, chrF %.2f",
                      export.dir_name, d["sentences_per_s"], d["p50_ms"], d["bleu"], d["chrf"])
         if options.pytorch:
-            checkpoint = workdir / "models" / "teacher" / "checkpoint_best.pt"
+            checkpoint = RunDir(workdir).checkpoint("teacher")
             pytorch = measure_pytorch_teacher(checkpoint, sentences, references, options.beam_size,
                                               threads=threads)
         else:
@@ -541,13 +540,20 @@ def _run_bench(options: BenchOptions) -> dict[str, Any]:
     return report
 
 
-def _direct_at_server_batches(phases: list[dict[str, Any]], exports: list[ExportInfo],
+def _exports(workdir: Path) -> list[ExportDir]:
+    try:
+        return RunDir(workdir).exports()
+    except ArtifactError as err:
+        raise BenchError(str(err)) from err
+
+
+def _direct_at_server_batches(phases: list[dict[str, Any]], exports: list[ExportDir],
                               served_exports: dict[str, str], sentences: list[str], options: BenchOptions,
                               plan: CpuPlan, threads: int) -> dict[str, dict[str, Any]]:
     """Direct CTranslate2 on the server's cores and threads, at the batch size the server itself formed
     for each model at its peak (keyed ``"<export>@<batch size>"``); what the service is priced against."""
     by_dir = {e.dir_name: e for e in exports}
-    wanted: dict[str, tuple[ExportInfo, int]] = {}
+    wanted: dict[str, tuple[ExportDir, int]] = {}
     for model, export in served_exports.items():
         for per_request in options.sentences_per_request:
             best = peak_phase(phases, model, per_request)
@@ -578,7 +584,7 @@ def _server(options: BenchOptions, out: Path, plan: CpuPlan) -> Iterator[Server]
             yield server
 
 
-def _resolve_exports(url: str, served_names: dict[str, str], exports: list[ExportInfo]) -> dict[str, str]:
+def _resolve_exports(url: str, served_names: dict[str, str], exports: list[ExportDir]) -> dict[str, str]:
     """model name -> export directory that answers it, as the server reports it."""
     try:
         listing = http_get_json(f"{url}/models")

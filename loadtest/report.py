@@ -253,7 +253,7 @@ def build_report(options: Any, plan: Any, threads: int, models: list[str], serve
                  phases: list[dict[str, Any]], endings: list[dict[str, Any]],
                  equal_terms: dict[str, dict[str, Any]], url: str) -> dict[str, Any]:
     """Everything measured, summarized: see DEFINITIONS."""
-    methods = {e.name: e.method for e in exports}
+    methods = {e.info.name: e.info.method for e in exports}
     per_model = {}
     for model in models:
         export = served[model]

@@ -15,7 +15,6 @@ A name given explicitly always wins over an alias.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,43 +23,14 @@ from typing import Any
 import ctranslate2
 import sentencepiece as spm
 
+from wdserve.artifacts import ArtifactError, ExportDir, ExportInfo, OutputLimit, RunDir, translate_bounded
 from wdserve.errors import WdserveError
-from wdserve.server.settings import OutputLimit
 
 log = logging.getLogger(__name__)
-
-SPM_FILE = "sentencepiece.model"
-INFO_FILE = "model.json"
 
 
 class ModelLoadError(WdserveError, RuntimeError):
     """A model directory is missing, incomplete or unreadable; the message names it."""
-
-
-def translate_bounded(translator: Any, batch: list[list[str]], beam_size: int, max_length: int,
-                      limit: OutputLimit) -> list[list[str]]:
-    """``translate_batch`` with every sentence held to its own ``limit``.
-
-    CTranslate2's ``max_decoding_length`` applies to a whole call, so the batch runs
-    once under its longest sentence's limit, and the few outputs that went past their
-    own limit (repetition loops, in practice) are translated again under it.
-    """
-    if not batch:
-        return []
-    limits = [limit.tokens(len(pieces), max_length) for pieces in batch]
-    longest = max(limits)
-    outputs = [result.hypotheses[0] for result in translator.translate_batch(
-        batch, beam_size=beam_size, max_decoding_length=longest, num_hypotheses=1)]
-    again: dict[int, list[int]] = {}
-    for i, output in enumerate(outputs):
-        if limits[i] < longest and len(output) >= limits[i]:
-            again.setdefault(limits[i], []).append(i)
-    for own_limit, indices in again.items():
-        results = translator.translate_batch([batch[i] for i in indices], beam_size=beam_size,
-                                             max_decoding_length=own_limit, num_hypotheses=1)
-        for i, result in zip(indices, results, strict=True):
-            outputs[i] = result.hypotheses[0]
-    return outputs
 
 
 @dataclass
@@ -71,21 +41,21 @@ class ServedModel:
     path: Path
     translator: Any  # ctranslate2.Translator
     tokenizer: spm.SentencePieceProcessor
-    info: dict[str, Any] = field(default_factory=dict)
+    info: ExportInfo | None = None
     output_limit: OutputLimit = field(default_factory=OutputLimit)
 
     @property
     def source_lang(self) -> str | None:
-        return self.info.get("source_lang")
+        return self.info.source_lang if self.info else None
 
     @property
     def target_lang(self) -> str | None:
-        return self.info.get("target_lang")
+        return self.info.target_lang if self.info else None
 
     @property
     def max_positions(self) -> int | None:
         """Longest source (pieces + </s>) and output the model has position encodings for, when known."""
-        return (self.info.get("architecture") or {}).get("max_positions")
+        return self.info.max_positions if self.info else None
 
     def supports(self, source: str | None, target: str | None) -> bool:
         """True when this model translates source -> target (None or 'auto' source matches anything).
@@ -115,53 +85,34 @@ class ServedModel:
             "name": self.name,
             "source_lang": self.source_lang,
             "target_lang": self.target_lang,
-            "method": self.info.get("method"),
-            "quantization": self.info.get("quantization"),
-            "parameters": self.info.get("parameters"),
+            "method": self.info.method if self.info else None,
+            "quantization": self.info.quantization if self.info else None,
+            "parameters": self.info.parameters if self.info else None,
             "path": str(self.path),
         }
 
 
 def discover_workdir(workdir: Path) -> dict[str, Path]:
-    """Every exported model of a pipeline run: ``DIR/export/<name>/model.json`` -> {name: dir}."""
-    export_dir = Path(workdir) / "export"
-    if not export_dir.is_dir():
-        raise ModelLoadError(f"workdir {workdir}: no export/ directory (run the pipeline first)")
-    found = {info.parent.name: info.parent for info in sorted(export_dir.glob(f"*/{INFO_FILE}"))}
-    if not found:
-        raise ModelLoadError(f"workdir {workdir}: export/ holds no */{INFO_FILE}; nothing to serve")
-    return found
-
-
-def read_info(name: str, path: Path) -> dict[str, Any]:
-    """model.json as a dict ({} when the directory has none)."""
-    info_path = path / INFO_FILE
-    if not info_path.exists():
-        return {}
+    """Every exported model of a pipeline run, by directory name: ``DIR/export/<name>/``."""
     try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelLoadError(f"model {name!r}: cannot read {info_path}: {err}") from err
-    if not isinstance(info, dict):
-        raise ModelLoadError(f"model {name!r}: {info_path} is not a JSON object")
-    return info
+        return {export.dir_name: export.path for export in RunDir(workdir).exports()}
+    except ArtifactError as err:
+        raise ModelLoadError(f"workdir {workdir}: {err}") from err
 
 
 def load_model(name: str, path: Path, device: str = "cpu", compute_type: str = "default",
                intra_threads: int = 1, output_limit: OutputLimit | None = None) -> ServedModel:
     """Loads one directory and runs a one-sentence smoke translation, so a corrupt model fails here."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelLoadError(f"model {name!r}: directory {path} does not exist")
-    spm_path = path / SPM_FILE
-    if not spm_path.is_file():
-        raise ModelLoadError(f"model {name!r}: {spm_path} is missing (the source/target SentencePiece model)")
-    info = read_info(name, path)
+    try:
+        export = ExportDir.read(path, require_info=False)
+    except ArtifactError as err:
+        raise ModelLoadError(f"model {name!r}: {err}") from err
+    path, info = export.path, export.info
     tokenizer = spm.SentencePieceProcessor()
     try:
-        tokenizer.Load(str(spm_path))
+        tokenizer.Load(str(export.vocab))
     except (OSError, RuntimeError) as err:
-        raise ModelLoadError(f"model {name!r}: cannot load {spm_path}: {err}") from err
+        raise ModelLoadError(f"model {name!r}: cannot load {export.vocab}: {err}") from err
     try:
         # inter_threads=1: the server runs at most one batch per model at a time and
         # bounds concurrency across models with its own worker pool (see settings.thread_plan).
@@ -173,7 +124,7 @@ def load_model(name: str, path: Path, device: str = "cpu", compute_type: str = "
     except (RuntimeError, ValueError, OSError) as err:
         raise ModelLoadError(f"model {name!r}: CTranslate2 cannot load {path}: {err}") from err
     log.info("loaded %s from %s (%s -> %s, %s)", name, path, model.source_lang, model.target_lang,
-             info.get("quantization", "?"))
+             info.quantization if info else "?")
     return model
 
 
@@ -182,13 +133,13 @@ def build_aliases(models: dict[str, ServedModel], prefer_quantization: str) -> d
     aliases: dict[str, str] = {}
     variants: dict[str, list[ServedModel]] = {}
     for served in sorted(models.values(), key=lambda m: m.name):
-        base, quant = served.info.get("name"), served.info.get("quantization")
+        base, quant = (served.info.name, served.info.quantization) if served.info else (None, None)
         if base and quant:
             aliases.setdefault(f"{base}-{quant}", served.name)
         if base:
             variants.setdefault(base, []).append(served)
     for base, group in variants.items():
-        preferred = [m for m in group if m.info.get("quantization") == prefer_quantization]
+        preferred = [m for m in group if m.info and m.info.quantization == prefer_quantization]
         aliases.setdefault(base, (preferred or group)[0].name)
     return {alias: target for alias, target in aliases.items() if alias not in models}
 

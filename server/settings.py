@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from wdserve.artifacts import DEFAULT_MAX_LENGTH, OutputLimit
 
 
 def available_cores() -> int:
@@ -24,23 +25,6 @@ def available_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS, Windows
         return max(1, os.cpu_count() or 1)
-
-
-@dataclass(frozen=True)
-class OutputLimit:
-    """Each sentence's output limit: ``ratio x (source pieces + </s>) + margin`` tokens, ``</s>`` included.
-
-    The same rule, with the same defaults, as ``distill.decode`` (``max_len_a``, ``max_len_b``),
-    so a served model scores the BLEU the pipeline measured. Without it a beam search
-    that falls into a repetition loop runs to ``max_length``, and length normalization
-    makes that loop the winner: on the Multi30k teacher, 256-token loops cost 2 BLEU.
-    """
-
-    ratio: float = 1.5
-    margin: int = 10
-
-    def tokens(self, source_pieces: int, max_length: int) -> int:
-        return max(1, min(max_length, int(self.ratio * (source_pieces + 1) + self.margin)))
 
 
 class ServeSettings(BaseSettings):
@@ -88,7 +72,8 @@ class ServeSettings(BaseSettings):
     max_chars: int = Field(5000, ge=1, description="most characters in one text")
     default_beam_size: int = Field(2, ge=1, description="beam size when a request gives none")
     max_beam_size: int = Field(8, ge=1, description="largest beam size a request may ask for")
-    default_max_length: int = Field(256, ge=1, description="output token limit when a request gives none")
+    default_max_length: int = Field(
+        DEFAULT_MAX_LENGTH, ge=1, description="output token limit when a request gives none")
     max_length_limit: int = Field(512, ge=1, description="largest max_length a request may ask for")
     output_length_ratio: float = Field(
         OutputLimit.ratio, ge=0,

@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 
+from wdserve.artifacts import ArtifactError
 from wdserve.distill.checkpoint import load_model
 from wdserve.distill.decode import translate
 from wdserve.distill.evaluate import evaluate_checkpoint, evaluate_ctranslate2, score
@@ -56,13 +57,13 @@ def test_evaluate_ctranslate2_reads_an_exported_directory(tiny_workdir, tmp_path
     references = ref.read_text(encoding="utf-8").splitlines()
     assert len(result["hypotheses"]) == len(references)
     assert result["chrf"] == score(result["hypotheses"], references)["chrf"]
-    # The same model in PyTorch, with CTranslate2's length limit (the checkpoint's max_positions here).
+    # The same model in PyTorch, with the same per-sentence output limit (the one the server applies).
     model, vocab, _ = load_model(tiny_workdir / "models" / "teacher" / "checkpoint_best.pt")
     sources = src.read_text(encoding="utf-8").splitlines()[:8]
-    assert result["hypotheses"][:8] == translate(model, vocab, sources, max_len_a=0, max_len_b=256)
+    assert result["hypotheses"][:8] == translate(model, vocab, sources, beam_size=1)
 
     broken = tmp_path / "broken"
     shutil.copytree(exported, broken)
     (broken / "sentencepiece.model").unlink()
-    with pytest.raises(FileNotFoundError, match=r"broken is not an exported wdserve model: sentencepiece"):
+    with pytest.raises(ArtifactError, match=r"broken is not an exported model: sentencepiece"):
         evaluate_ctranslate2(broken, src, ref)

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from wdserve.artifacts import ExportDir, ExportInfo
 from wdserve.loadtest.accounting import (
     BenchError,
     CpuPlan,
@@ -18,7 +19,6 @@ from wdserve.loadtest.accounting import (
     read_client_stats,
     utilization,
 )
-from wdserve.loadtest.baselines import ExportInfo
 from wdserve.loadtest.bench import (
     choose_models,
     read_locust_stats,
@@ -125,8 +125,7 @@ def test_server_overhead_is_cpu_per_request_minus_the_models_own_cpu():
 
 
 def test_targets_say_met_missed_or_not_measured():
-    exports = [ExportInfo(Path(f"/x/{n}-int8"), n, "int8", m, "xx", "yy", 10)
-               for n, m in (("teacher", "teacher"), ("student", "wd"))]
+    exports = [export(n, "int8", m) for n, m in (("teacher", "teacher"), ("student", "wd"))]
     direct = {f"{n}-int8": {"quantization": "int8", "parameters": 10, "bleu": 30.0, "chrf": 50.0,
                             "sentences_per_s": s, "sentences": 500}
               for n, s in (("teacher", 625), ("student", 1600))}
@@ -240,8 +239,9 @@ def test_cli_reads_lists():
     assert (args.server_cpus, args.load_cpus) == ((0, 1, 2), (3,))
 
 
-def export(name: str, quantization: str) -> ExportInfo:
-    return ExportInfo(Path(f"/x/{name}-{quantization}"), name, quantization, "wd", "xx", "yy", 10)
+def export(name: str, quantization: str, method: str = "wd") -> ExportDir:
+    info = ExportInfo(name, quantization, "xx", "yy", method, parameters=10)
+    return ExportDir(Path(f"/x/{name}-{quantization}"), info)
 
 
 def test_models_default_to_every_export_teacher_first_and_need_the_teacher():

@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from wdserve.server.models import ModelRegistry, translate_bounded
-from wdserve.server.settings import OutputLimit, ServeSettings
+from wdserve.artifacts import OutputLimit, translate_bounded
+from wdserve.server.models import ModelRegistry
+from wdserve.server.settings import ServeSettings
 
 
 class CountingTranslator:

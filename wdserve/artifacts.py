@@ -1,0 +1,251 @@
+"""The files the stages hand each other, described once.
+
+- ``RunDir``: the layout of a pipeline run directory (``wdserve pipeline --workdir DIR``),
+  which the pipeline writes and ``wdserve serve --workdir`` and ``wdserve bench`` read.
+- ``ExportInfo`` and ``ExportDir``: a CTranslate2 model directory as ``wdserve export``
+  writes it (the CTranslate2 files, ``sentencepiece.model`` and ``model.json``).
+- ``OutputLimit`` and ``translate_bounded``: how long an output may get. Every path that
+  decodes (PyTorch search, sequence-level KD, evaluation, the server, the bench's direct
+  baseline) holds sentence i to ``ratio x (source pieces + </s>) + margin`` tokens, so the
+  BLEU the pipeline reports is the BLEU the service delivers.
+
+Standard library only: the server and the load tester import it without PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from wdserve.errors import WdserveError
+
+CHECKPOINT = "checkpoint_best.pt"
+CT2_MODEL = "model.bin"
+EXPORT_INFO = "model.json"
+EXPORT_VOCAB = "sentencepiece.model"
+TEACHER = "teacher"
+SPLITS = ("train", "valid", "test")
+QUANTIZATIONS = ("int8", "int8_float16", "float16", "bfloat16", "float32")  # what `wdserve export` writes
+
+DEFAULT_MAX_LENGTH = 256  # output tokens when a caller gives no cap (the server's default_max_length)
+
+
+class ArtifactError(WdserveError):
+    """A run or export directory that is missing, incomplete or unreadable; the message names the file."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run directory
+@dataclass(frozen=True)
+class RunDir:
+    """``DIR/data/{split}.{src,tgt}``, ``DIR/vocab/spm.model``, ``DIR/seqkd/train.tgt``,
+    ``DIR/models/<name>/checkpoint_best.pt``, ``DIR/export/<name>-<quantization>/``,
+    ``DIR/report.json`` and ``DIR/bench/``."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    def data(self, split: str, side: str) -> Path:
+        """``side`` is ``src`` or ``tgt``."""
+        return self.data_dir / f"{split}.{side}"
+
+    @property
+    def vocab(self) -> Path:
+        return self.root / "vocab" / "spm.model"
+
+    @property
+    def seqkd_targets(self) -> Path:
+        return self.root / "seqkd" / "train.tgt"
+
+    def model_dir(self, name: str) -> Path:
+        return self.root / "models" / name
+
+    def checkpoint(self, name: str) -> Path:
+        return self.model_dir(name) / CHECKPOINT
+
+    @property
+    def exports_root(self) -> Path:
+        return self.root / "export"
+
+    def export_dir(self, name: str, quantization: str) -> Path:
+        return self.exports_root / f"{name}-{quantization}"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def bench(self) -> Path:
+        return self.root / "bench"
+
+    def exports(self) -> list[ExportDir]:
+        """Every described export (``export/*/model.json``), the teacher first, then by name and
+        quantization; raises ``ArtifactError`` when there is none."""
+        if not self.exports_root.is_dir():
+            raise ArtifactError(f"{self.root}: no export/ directory (run `wdserve pipeline` first)")
+        found = [ExportDir.read(info.parent) for info in sorted(self.exports_root.glob(f"*/{EXPORT_INFO}"))]
+        if not found:
+            raise ArtifactError(f"{self.exports_root} holds no */{EXPORT_INFO}: nothing exported yet "
+                                "(run `wdserve pipeline` or `wdserve export`)")
+        return sorted(found, key=lambda e: (e.info.name != TEACHER, e.info.name, e.info.quantization))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The export directory
+@dataclass(frozen=True)
+class ExportInfo:
+    """``model.json``: what an export is and where it came from."""
+
+    name: str  # the checkpoint's model name: teacher, student, student-kd
+    quantization: str
+    source_lang: str | None = None
+    target_lang: str | None = None
+    method: str | None = None
+    architecture: dict[str, Any] = field(default_factory=dict)  # the ModelConfig fields
+    parameters: int | None = None
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    teacher_sha256: str | None = None
+    exported_at: str | None = None
+
+    @property
+    def max_positions(self) -> int | None:
+        """Longest source (pieces + </s>) and output the model has position encodings for."""
+        value = self.architecture.get("max_positions")
+        return int(value) if value is not None else None
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ExportInfo:
+        """Unknown keys are ignored, so an older wdserve reads a newer description."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items() if v is not None}, indent=2) + "\n"
+
+
+@dataclass(frozen=True)
+class ExportDir:
+    """A CTranslate2 model directory with its SentencePiece model, and its description when it has one
+    (``wdserve serve --model NAME=PATH`` also takes directories written by other tools)."""
+
+    path: Path
+    info: ExportInfo | None
+
+    @classmethod
+    def read(cls, path: Path, require_info: bool = True) -> ExportDir:
+        path = Path(path)
+        if not path.is_dir():
+            raise ArtifactError(f"{path} does not exist or is not a directory")
+        for required in (CT2_MODEL, EXPORT_VOCAB):
+            if not (path / required).is_file():
+                raise ArtifactError(f"{path} is not an exported model: {required} is missing "
+                                    "(create one with `wdserve export`)")
+        info_path = path / EXPORT_INFO
+        if not info_path.is_file():
+            if require_info:
+                raise ArtifactError(f"{path}: {EXPORT_INFO} is missing (create it with `wdserve export`)")
+            return cls(path, None)
+        try:
+            values = json.loads(info_path.read_text(encoding="utf-8"))
+            if not isinstance(values, dict):
+                raise TypeError("not a JSON object")
+            return cls(path, ExportInfo.from_dict(values))
+        except (OSError, UnicodeDecodeError, ValueError, TypeError) as err:
+            raise ArtifactError(f"{info_path}: not a wdserve export description ({err})") from err
+
+    @staticmethod
+    def write_info(path: Path, info: ExportInfo) -> None:
+        (Path(path) / EXPORT_INFO).write_text(info.to_json(), encoding="utf-8")
+
+    @property
+    def vocab(self) -> Path:
+        return self.path / EXPORT_VOCAB
+
+    @property
+    def dir_name(self) -> str:
+        """The directory name, which ``wdserve serve --workdir`` serves it under."""
+        return self.path.name
+
+    @property
+    def max_positions(self) -> int | None:
+        return self.info.max_positions if self.info else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# How long an output may get
+@dataclass(frozen=True)
+class OutputLimit:
+    """Each sentence's output limit: ``ratio x (source pieces + </s>) + margin`` tokens, ``</s>`` included.
+
+    Without it a beam search that falls into a repetition loop runs to the call's cap, and
+    length normalization makes that loop the winner: on the Multi30k teacher, 256-token
+    loops cost 2 BLEU. fairseq calls the two numbers ``max_len_a`` and ``max_len_b``.
+    """
+
+    ratio: float = 1.5
+    margin: int = 10
+
+    def tokens(self, source_pieces: int, max_length: int) -> int:
+        """The limit of one sentence of ``source_pieces`` pieces (without ``</s>``), within ``max_length``."""
+        return max(1, min(max_length, int(self.ratio * (source_pieces + 1) + self.margin)))
+
+
+DEFAULT_OUTPUT_LIMIT = OutputLimit()  # what `wdserve serve` applies unless told otherwise
+
+
+def translate_bounded(translator: Any, batch: list[list[str]], beam_size: int, max_length: int,
+                      limit: OutputLimit = DEFAULT_OUTPUT_LIMIT) -> list[list[str]]:
+    """``ctranslate2.Translator.translate_batch`` with every sentence held to its own ``limit``.
+
+    CTranslate2's ``max_decoding_length`` applies to a whole call, so the batch runs
+    once under its longest sentence's limit, and the few outputs that went past their
+    own limit (repetition loops, in practice) are translated again under it.
+    """
+    if not batch:
+        return []
+    limits = [limit.tokens(len(pieces), max_length) for pieces in batch]
+    longest = max(limits)
+    outputs = [result.hypotheses[0] for result in translator.translate_batch(
+        batch, beam_size=beam_size, max_decoding_length=longest, num_hypotheses=1)]
+    again: dict[int, list[int]] = {}
+    for i, output in enumerate(outputs):
+        if limits[i] < longest and len(output) >= limits[i]:
+            again.setdefault(limits[i], []).append(i)
+    for own_limit, indices in again.items():
+        results = translator.translate_batch([batch[i] for i in indices], beam_size=beam_size,
+                                             max_decoding_length=own_limit, num_hypotheses=1)
+        for i, result in zip(indices, results, strict=True):
+            outputs[i] = result.hypotheses[0]
+    return outputs
+
+
+def translate_corpus(translator: Any, sources: Sequence[list[str]], beam_size: int, batch_size: int,
+                     max_length: int = DEFAULT_MAX_LENGTH, limit: OutputLimit = DEFAULT_OUTPUT_LIMIT,
+                     max_positions: int | None = None,
+                     sort_by_length: bool = True) -> Iterator[tuple[list[int], list[list[str]]]]:
+    """Pieces in, pieces out, ``batch_size`` sentences at a time, decoded as the server decodes a
+    request: each sentence held to ``limit``, the call to ``max_length`` and both to the model's
+    ``max_positions`` (longer sources are cut to fit, where the server refuses them).
+
+    Yields ``(indices, outputs)`` per batch so callers can report progress; batches hold sentences
+    of similar length unless ``sort_by_length`` is False (then they come in the given order).
+    """
+    if max_positions:
+        max_length = min(max_length, max_positions)
+        sources = [pieces[: max_positions - 1] for pieces in sources]
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i])) if sort_by_length \
+        else list(range(len(sources)))
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        yield indices, translate_bounded(translator, [sources[i] for i in indices], beam_size, max_length,
+                                         limit)

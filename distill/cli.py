@@ -20,21 +20,23 @@ method options of ``distill.students.train_student`` (``train``, ``phase1``, ``p
 
 Flags override the config file, and rerunning ``train`` or ``distill`` resumes from ``--out``.
 PyTorch and CTranslate2 are imported inside ``run_*`` only, so building the command-line parser
-stays light; the method and preset lists belong to ``distill.students`` and are read from it
-when argparse needs them.
+stays light; the method and preset lists belong to ``wdserve.config``, the quantization list to
+``export.convert`` (read from it when argparse needs it).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from wdserve.cli import ImportedChoices
+from wdserve.config import METHODS, PRESETS, StudentSpec, from_dict
 from wdserve.errors import ConfigError, WdserveError
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,8 @@ TRAIN_OVERRIDES = {"max_steps": int, "max_tokens": int, "lr": float, "warmup_ste
                    "eval_every": int, "seed": int, "device": str}
 ARCHITECTURE_FLAGS = ("enc_layers", "enc_dim", "enc_heads", "enc_ffn", "dec_layers", "dec_dim", "dec_heads",
                       "dec_ffn")
-STUDENT_KEYS = ("preset", "model", "seqkd")  # distill --config keys besides train_student's options
+# distill --config: a pipeline students: entry without name, method and data, plus seqkd
+DISTILL_KEYS = (*(f.name for f in fields(StudentSpec) if f.name not in ("name", "method", "data")), "seqkd")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -201,7 +204,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
 def configure_distill(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint (.pt)")
     parser.add_argument("--method", required=True, metavar="METHOD",
-                        choices=ImportedChoices("wdserve.distill.students", "METHODS"),
+                        choices=METHODS,
                         help="one of %(choices)s. wd: weight distillation; kd: word-level KD; seqkd: plain "
                              "training (on distilled data with --seqkd); ws / gated-ws: weight squeezing; "
                              "ckd: combinatorial intermediate-layer KD")
@@ -210,7 +213,7 @@ def configure_distill(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="student name in the checkpoint (default: --out's name)")
     parser.add_argument("--config", type=Path, default=None, help="YAML/JSON student settings (see above)")
     parser.add_argument("--preset", default=None, metavar="PRESET",
-                        choices=ImportedChoices("wdserve.distill.students", "PRESETS"),
+                        choices=PRESETS,
                         help="stu1: teacher's encoder + 1 decoder layer at half width; "
                              "stu2: teacher's encoder + 2 decoder layers at full width")
     for field in ARCHITECTURE_FLAGS:
@@ -234,21 +237,30 @@ def run_distill(args: argparse.Namespace) -> None:
     from wdserve.distill.checkpoint import read_checkpoint
     from wdserve.distill.data import read_parallel
     from wdserve.distill.model import ModelConfig
-    from wdserve.distill.students import OPTION_KEYS, student_config, train_student
+    from wdserve.distill.students import student_config, train_student
 
-    config = read_settings(args.config, "distill", known=(*STUDENT_KEYS, *OPTION_KEYS))
+    config = read_settings(args.config, "distill", known=DISTILL_KEYS)
+    seqkd = config.pop("seqkd", False)
+    flags = {"preset": args.preset, "seed": args.seed}
+    spec = from_dict(StudentSpec, {**config, **{k: v for k, v in flags.items() if v is not None},
+                                   "name": args.name or args.out.name, "method": args.method,
+                                   "data": "seqkd" if args.seqkd or seqkd else "bitext"},
+                     f"{args.config or 'distill'}")
+    if args.max_steps is not None:
+        given = [phase for phase in ("phase1", "phase2") if getattr(spec, phase) is not None]
+        phases = {phase: {**(getattr(spec, phase) or {}), "max_steps": args.max_steps}
+                  for phase in ("train", *given)}
+        spec = dataclasses.replace(spec, **phases)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    name = args.name or args.out.name
     # train_student reports a bad architecture or option as ValueError, after reading the teacher
     with _user_errors(OSError, ValueError, TypeError):
         teacher_config = ModelConfig.from_dict(read_checkpoint(args.teacher)["config"])
-        architecture = {**config.get("model", {}),
+        architecture = {**spec.model,
                         **{f: getattr(args, f) for f in ARCHITECTURE_FLAGS if getattr(args, f) is not None}}
-        student = student_config(teacher_config, args.preset or config.get("preset"), architecture)
+        student = student_config(teacher_config, spec.preset, architecture)
         train_pairs = read_parallel(args.train_src, args.train_tgt)
         valid_pairs = read_parallel(args.valid_src, args.valid_tgt)
-        seqkd = config.get("seqkd", False)
-        if args.seqkd or seqkd:
+        if spec.data == "seqkd":
             seqkd = seqkd if isinstance(seqkd, dict) else {}
             train_pairs = distilled_pairs(
                 args.teacher, train_pairs, args.out / "seqkd" / "train.tgt",
@@ -256,16 +268,8 @@ def run_distill(args: argparse.Namespace) -> None:
                 with_bitext=not args.no_bitext and seqkd.get("with_bitext", True),
                 ct2_model_dir=args.ct2_teacher, device=device,
             )
-        options = {k: v for k, v in config.items() if k not in STUDENT_KEYS}
-        if args.seed is not None:
-            options["seed"] = args.seed
-        if args.max_steps is not None:
-            for phase in ("train", "phase1", "phase2"):
-                if phase in options or phase == "train":
-                    options[phase] = {**(options.get(phase) or {}), "max_steps": args.max_steps}
-        path = train_student(args.teacher, name, args.method, student, train_pairs, valid_pairs, args.out,
-                             options, device=device)
-    print(f"student {name} ({args.method}): {path}")
+        path = train_student(args.teacher, spec, student, train_pairs, valid_pairs, args.out, device=device)
+    print(f"student {spec.name} ({spec.method}): {path}")
 
 
 def distilled_pairs(

@@ -8,8 +8,8 @@ Reference students follow the weight distillation paper's released code, relativ
   (512/8/2048 -> 256/4/1024). Encoder and decoder widths differ, so embeddings are not shared.
 - ``stu2``: the teacher's encoder; two decoder layers at the teacher's decoder width, heads, FFN.
 
-``train_student`` methods (``options`` keys in brackets; all TrainConfig dicts accept every
-``distill.train.TrainConfig`` field):
+``train_student`` methods (the ``StudentSpec`` options each reads in brackets; every TrainConfig
+dict accepts any ``distill.train.TrainConfig`` field):
 
 - ``seqkd``: plain training from scratch, on whatever pairs it is given (the pipeline gives it
   the teacher's translations, which makes it the sequence-level KD baseline). [train, word_kd]
@@ -33,14 +33,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from wdserve.artifacts import CHECKPOINT
+from wdserve.config import DEFAULT_SEED, PRESETS, StudentSpec
 from wdserve.distill.model import ModelConfig
 
 log = logging.getLogger(__name__)
 
-PRESETS = ("stu1", "stu2")
-METHODS = ("kd", "seqkd", "wd", "ws", "gated-ws", "ckd")
-PHASED = ("wd", "ws", "gated-ws")
-OPTION_KEYS = ("seed", "train", "phase1", "phase2", "word_kd", "ckd")
 DEFAULT_WORD_KD = {"alpha": 0.5, "temperature": 1.0}
 DEFAULT_CKD = {"mapping": "regular", "alpha": 0.5, "beta": 0.1, "temperature": 1.0}
 
@@ -87,16 +85,15 @@ def student_config(
 
 def train_student(
     teacher_checkpoint: Path,
-    name: str,
-    method: str,
+    spec: StudentSpec,
     student_cfg: ModelConfig,
     train_pairs: list[tuple[str, str]],
     valid_pairs: list[tuple[str, str]],
     out_dir: Path,
-    options: dict[str, Any] | None = None,
     device: str = "cpu",
 ) -> Path:
-    """Trains student ``name`` by ``method`` and returns ``out_dir/checkpoint_best.pt`` (module doc)."""
+    """Trains student ``spec.name`` by ``spec.method`` and returns ``out_dir/checkpoint_best.pt``
+    (module doc); the spec's options say how, and ``student_cfg`` is its shape."""
     import torch
 
     from wdserve.distill.batching import encode_pairs
@@ -104,22 +101,17 @@ def train_student(
     from wdserve.distill.kd import frozen
     from wdserve.distill.train import TrainConfig
 
-    if method not in METHODS:
-        raise ValueError(f"unknown distillation method {method!r}; expected one of {METHODS}")
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(OPTION_KEYS))
-    if unknown:
-        raise ValueError(f"student {name}: unknown options {unknown}; known: {list(OPTION_KEYS)}")
-    not_for_method = ({"phase1", "phase2"} if method not in PHASED else set()) | (
-        {"ckd"} if method != "ckd" else set())
-    ignored = sorted(set(options) & not_for_method)
+    name, method = spec.name, spec.method
+    ignored = spec.ignored_options()
     if ignored:
         log.warning("student %s: options %s do not apply to method %s and are ignored", name, ignored, method)
     out_dir = Path(out_dir)
-    seed = int(options.get("seed", 1))
+    seed = DEFAULT_SEED if spec.seed is None else spec.seed
 
     def train_config(key: str, fallback: str | None = None) -> TrainConfig:
-        values = options.get(key, options.get(fallback, {}) if fallback else {})
+        values = getattr(spec, key)
+        if values is None and fallback:
+            values = getattr(spec, fallback)
         return TrainConfig.from_dict({"seed": seed, **(values or {})})
 
     teacher, vocab, state = load_model(teacher_checkpoint, device)
@@ -133,9 +125,9 @@ def train_student(
              len(examples), student_cfg.to_dict())
     torch.manual_seed(seed)
 
-    if method in PHASED:
+    if spec.phased:
         return _train_phased(teacher, vocab, examples, valid_pairs, student_cfg, method, out_dir, meta,
-                             options, train_config, device)
+                             spec, train_config, device)
     from wdserve.distill.model import Transformer
     from wdserve.distill.train import train
 
@@ -143,14 +135,14 @@ def train_student(
     if method == "ckd":
         from wdserve.distill.ckd import CKDLoss, CKDStudent, ckd_groups, student_of
 
-        ckd = {**DEFAULT_CKD, **options.get("ckd", {})}
+        ckd = {**DEFAULT_CKD, **(spec.ckd or {})}
         groups = ckd_groups(teacher.config.enc_layers, student_cfg.enc_layers, ckd.pop("mapping"))
         module = CKDStudent(Transformer(student_cfg), teacher.config.enc_dim, groups).to(device)
         loss_fn = CKDLoss(teacher, label_smoothing=cfg.label_smoothing, **ckd)
         result = train(module, vocab, examples, valid_pairs, cfg, out_dir, {**meta, "ckd_groups": groups},
                        loss_fn=loss_fn, student_of=student_of)
     else:
-        word_kd = options.get("word_kd", DEFAULT_WORD_KD if method == "kd" else None)
+        word_kd = spec.word_kd if spec.word_kd is not None else DEFAULT_WORD_KD if method == "kd" else None
         model = Transformer(student_cfg).to(device)
         result = train(model, vocab, examples, valid_pairs, cfg, out_dir, meta,
                        loss_fn=_word_kd_loss(teacher, word_kd, cfg))
@@ -166,7 +158,7 @@ def _word_kd_loss(teacher, word_kd: dict[str, Any] | None, cfg):
     return WordKDLoss(teacher, label_smoothing=cfg.label_smoothing, **{**DEFAULT_WORD_KD, **word_kd})
 
 
-def _train_phased(teacher, vocab, examples, valid_pairs, student_cfg, method, out_dir, meta, options,
+def _train_phased(teacher, vocab, examples, valid_pairs, student_cfg, method, out_dir, meta, spec,
                   train_config, device) -> Path:
     """Phase 1 trains the generator; its best student, folded, is fine-tuned in phase 2 (if any)."""
     from wdserve.distill.checkpoint import atomic_write, load_model
@@ -178,16 +170,16 @@ def _train_phased(teacher, vocab, examples, valid_pairs, student_cfg, method, ou
                    out_dir / "phase1", {**meta, "phase": 1}, student_of=live_student)
     final = phase1.best_path
     del generator
-    if method == "wd" or "phase2" in options:
+    if method == "wd" or spec.phase2 is not None:
         cfg = train_config("phase2", "train")
         student, _, _ = load_model(phase1.best_path, device)  # the folded generator: plain weights
         student.train()
         log.info("%s: phase 2 fine-tunes the folded student of %s (dev BLEU %.2f)", meta["name"],
                  phase1.best_path, phase1.best_bleu)
         phase2 = train(student, vocab, examples, valid_pairs, cfg, out_dir / "phase2", {**meta, "phase": 2},
-                       loss_fn=_word_kd_loss(teacher, options.get("word_kd"), cfg))
+                       loss_fn=_word_kd_loss(teacher, spec.word_kd, cfg))
         final = phase2.best_path
-    best = out_dir / "checkpoint_best.pt"
+    best = out_dir / CHECKPOINT
     content = final.read_bytes()
     if not best.is_file() or best.read_bytes() != content:  # a rerun leaves a finished student alone
         atomic_write(best, lambda handle: handle.write(content))

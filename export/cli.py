@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from wdserve.cli import ImportedChoices
+from wdserve.artifacts import QUANTIZATIONS
 from wdserve.errors import ConfigError, WdserveError
 
 
@@ -21,7 +21,7 @@ def configure_export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path,
                         help="output directory; with several quantizations, OUT/<name>-<quantization>/ each")
     parser.add_argument("--quantization", "-q", nargs="+", default=["float32"], metavar="Q",
-                        choices=ImportedChoices("wdserve.export.convert", "QUANTIZATIONS"),
+                        choices=QUANTIZATIONS,
                         help="one or more of %(choices)s (default: float32)")
     parser.add_argument("--name", help="model name (default: the checkpoint's meta name, else its file stem)")
     parser.add_argument("--force", action="store_true", help="replace existing non-empty output directories")

@@ -15,11 +15,9 @@ exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import logging
 import sys
-from collections.abc import Sequence
 
 from wdserve.errors import WdserveError
 
@@ -34,30 +32,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("wdserve.server.cli", "serve CTranslate2 models over HTTP"),
     "bench": ("wdserve.loadtest.cli", "load-test teacher against students and write a report"),
 }
-
-
-class ImportedChoices(Sequence[str]):
-    """argparse ``choices`` owned by a module that imports PyTorch or CTranslate2.
-
-    ``ImportedChoices("wdserve.export.convert", "QUANTIZATIONS")`` imports the owner only when argparse
-    checks a given value or prints the subcommand's help, so the list is written once and building the
-    parser stays light. The argument needs a ``metavar``: without one argparse lists the choices, and so
-    imports the owner, as soon as the argument is added.
-    """
-
-    def __init__(self, module: str, name: str) -> None:
-        self.module = module
-        self.name = name
-
-    @functools.cached_property
-    def values(self) -> tuple[str, ...]:
-        return tuple(getattr(importlib.import_module(self.module), self.name))
-
-    def __getitem__(self, index: int) -> str:
-        return self.values[index]
-
-    def __len__(self) -> int:
-        return len(self.values)
 
 
 def build_parser() -> argparse.ArgumentParser:

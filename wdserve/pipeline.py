@@ -5,12 +5,12 @@ own; a stage whose outputs exist is skipped, and training stages resume from the
 last checkpoint, so a killed run is continued by running the same command again.
 ``DIR/report.json`` is rewritten after every stage, so what finished is never lost.
 
-Config (YAML), every section but ``teacher`` optional::
+Config (YAML; ``wdserve.config.PipelineConfig``), every section but ``data`` and ``teacher`` optional::
 
     name: tiny
     seed: 1
     data:        # either synthetic: {train: N, valid: N, test: N, seed: S}
-      dir: ../shared/data/multi30k        # or --data-dir / $WDSERVE_DATA_DIR
+      dir: data/multi30k        # or --data-dir / $WDSERVE_DATA_DIR
       source_lang: de
       target_lang: en
       splits: {train: train, valid: val, test: test_2016_flickr}   # files {dir}/{split}.{lang}[.gz]
@@ -34,17 +34,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wdserve.errors import ConfigError
+from wdserve.artifacts import EXPORT_INFO, SPLITS, TEACHER, ExportDir, RunDir
+from wdserve.config import PipelineConfig, StudentSpec
 
 if TYPE_CHECKING:  # distill imports torch: only at run time, inside the stages
     from wdserve.distill.model import ModelConfig
     from wdserve.distill.vocab import Vocab
 
-log = logging.getLogger("wdserve.pipeline")
+log = logging.getLogger(__name__)
 
-SPLITS = ("train", "valid", "test")
-DEFAULT_QUANTIZATIONS = ("int8", "float32")
-STUDENT_KEYS = ("name", "method", "preset", "model", "data")  # the rest are method options
 
 
 def configure_pipeline(parser: argparse.ArgumentParser) -> None:
@@ -65,38 +63,17 @@ def configure_pipeline(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_pipeline(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+def run_pipeline(args: argparse.Namespace) -> None:
+    config = PipelineConfig.load(args.config)
     if args.students:
-        config["students"] = select_students(config, args.students.split(","))
+        config = config.select_students(args.students.split(","))
+    config.check_fields(str(args.config))
     Pipeline(config, args.workdir, data_dir=args.data_dir, device=args.device).run()
-    return 0
-
-
-def load_config(path: Path) -> dict[str, Any]:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"pipeline config not found: {path}")
-    config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(config, dict) or "teacher" not in config:
-        raise ConfigError(f"{path}: a pipeline config needs at least a 'teacher' section")
-    config.setdefault("name", path.stem)
-    return config
-
-
-def select_students(config: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
-    students = {student["name"]: student for student in config.get("students", [])}
-    unknown = [name for name in names if name not in students]
-    if unknown:
-        raise ConfigError(f"--students: {unknown} not in the config (it has {sorted(students)})")
-    return [students[name] for name in names]
 
 
 class Pipeline:
     def __init__(
-        self, config: dict[str, Any], workdir: Path, data_dir: Path | None = None, device: str | None = None
+        self, config: PipelineConfig, workdir: Path, data_dir: Path | None = None, device: str | None = None
     ) -> None:
         import torch
 
@@ -104,11 +81,12 @@ class Pipeline:
         self.workdir = Path(workdir)
         self.data_dir = data_dir
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.report_path = self.workdir / "report.json"
+        self.rundir = RunDir(self.workdir)
+        self.report_path = self.rundir.report
         self.report: dict[str, Any] = (
             json.loads(self.report_path.read_text()) if self.report_path.is_file() else {}
         )
-        self.report.update({"config": config.get("name"), "device": self.device})
+        self.report.update({"config": config.name, "device": self.device})
         self.report.setdefault("models", {})
 
     # ---------------------------------------------------------------- driver
@@ -139,87 +117,70 @@ class Pipeline:
 
         atomic_save_text(json.dumps(self.report, indent=2, sort_keys=False) + "\n", self.report_path)
 
-    # ---------------------------------------------------------------- paths
-    def data_path(self, split: str, side: str) -> Path:
-        return self.workdir / "data" / f"{split}.{side}"
-
-    def model_dir(self, name: str) -> Path:
-        return self.workdir / "models" / name
-
-    def checkpoint(self, name: str) -> Path:
-        return self.model_dir(name) / "checkpoint_best.pt"
-
-    def export_dir(self, name: str, quantization: str) -> Path:
-        return self.workdir / "export" / f"{name}-{quantization}"
-
+    # ---------------------------------------------------------------- inputs
     @property
     def languages(self) -> tuple[str, str]:
-        data = self.config.get("data", {})
-        if "synthetic" in data:
+        data = self.config.data
+        if data.synthetic is not None:
             from wdserve.distill.synthetic import SOURCE_LANG, TARGET_LANG
 
             return SOURCE_LANG, TARGET_LANG
-        return data["source_lang"], data["target_lang"]
+        return data.source_lang, data.target_lang
 
     def pairs(self, split: str) -> list[tuple[str, str]]:
         from wdserve.distill.data import read_parallel
 
-        return read_parallel(self.data_path(split, "src"), self.data_path(split, "tgt"))
+        return read_parallel(self.rundir.data(split, "src"), self.rundir.data(split, "tgt"))
 
     def model_names(self) -> list[str]:
-        return ["teacher"] + [student["name"] for student in self.config.get("students", [])]
+        return [TEACHER] + [student.name for student in self.config.students]
 
     # ---------------------------------------------------------------- stages
     def stage_data(self) -> None:
         from wdserve.distill.data import clean_pairs, read_parallel, write_parallel
 
-        if all(self.data_path(split, side).is_file() for split in SPLITS for side in ("src", "tgt")):
-            log.info("data already prepared in %s", self.workdir / "data")
+        if all(self.rundir.data(split, side).is_file() for split in SPLITS for side in ("src", "tgt")):
+            log.info("data already prepared in %s", self.rundir.data_dir)
             return
-        data = self.config.get("data", {})
-        if "synthetic" in data:
+        data = self.config.data
+        if data.synthetic is not None:
             from wdserve.distill.synthetic import write_synthetic
 
-            synthetic = dict(data["synthetic"])
-            seed = synthetic.pop("seed", self.config.get("seed", 1))
-            write_synthetic(self.workdir / "data", sizes=synthetic, seed=seed)
+            synthetic = dict(data.synthetic)
+            seed = synthetic.pop("seed", self.config.seed)
+            write_synthetic(self.rundir.data_dir, sizes=synthetic, seed=seed)
             summary = {split: synthetic.get(split) for split in SPLITS}
         else:
-            root = self.data_dir or os.environ.get("WDSERVE_DATA_DIR") or data.get("dir")
-            if not root:
-                raise ConfigError("no corpus directory: set data.dir, --data-dir or $WDSERVE_DATA_DIR")
-            root = Path(root)
+            root = data.corpus_dir(self.data_dir)
             src_lang, tgt_lang = self.languages
-            names = {"train": "train", "valid": "valid", "test": "test", **data.get("splits", {})}
             summary = {}
             for split in SPLITS:
-                pairs = read_parallel(
-                    _corpus_file(root, names[split], src_lang), _corpus_file(root, names[split], tgt_lang)
-                )
+                stem = data.file_stem(split)
+                pairs = read_parallel(_corpus_file(root, stem, src_lang), _corpus_file(root, stem, tgt_lang))
                 if split == "train":
-                    pairs, report = clean_pairs(pairs, **data.get("clean", {}))
+                    pairs, report = clean_pairs(pairs, **data.clean)
                     log.info("cleaning %s: %s", split, report.summary())
                     self.report["data_cleaning"] = report.summary()
-                write_parallel(pairs, self.data_path(split, "src"), self.data_path(split, "tgt"))
+                write_parallel(pairs, self.rundir.data(split, "src"), self.rundir.data(split, "tgt"))
                 summary[split] = len(pairs)
         self.report["data"] = {"languages": list(self.languages), "pairs": summary}
 
     def stage_vocab(self) -> None:
         from wdserve.distill.vocab import train_sentencepiece
 
-        path = self.workdir / "vocab" / "spm.model"
+        path = self.rundir.vocab
         if path.is_file():
             log.info("vocabulary exists: %s", path)
             return
         pairs = self.pairs("train")
-        size = self.config.get("vocab", {}).get("size", 8000)
+        size = self.config.vocab.size
         train_sentencepiece([text for pair in pairs for text in pair], path, vocab_size=size)
         self.report["vocab"] = {"path": str(path), "requested_size": size}
 
     def vocab(self):
         from wdserve.distill.vocab import Vocab
 
-        return Vocab(self.workdir / "vocab" / "spm.model")
+        return Vocab(self.rundir.vocab)
 
     def meta(self, name: str, method: str, **extra: Any) -> dict[str, Any]:
         src, tgt = self.languages
@@ -228,7 +189,7 @@ class Pipeline:
     def teacher_config(self, vocab: Vocab) -> ModelConfig:
         from wdserve.distill.model import ModelConfig
 
-        return ModelConfig(vocab_size=len(vocab), **self.config["teacher"].get("model", {}))
+        return ModelConfig(vocab_size=len(vocab), **self.config.teacher.model)
 
     def stage_teacher(self) -> None:
         import torch
@@ -237,20 +198,18 @@ class Pipeline:
         from wdserve.distill.model import Transformer
         from wdserve.distill.train import TrainConfig, train
 
-        section = self.config["teacher"]
         vocab = self.vocab()
-        torch.manual_seed(self.config.get("seed", 1))
+        torch.manual_seed(self.config.seed)
         model = Transformer(self.teacher_config(vocab))
         train_cfg = TrainConfig.from_dict(
-            {"seed": self.config.get("seed", 1), "device": self.device, **section.get("train", {})}
-        )
+            {"seed": self.config.seed, "device": self.device, **self.config.teacher.train})
         result = train(
             model.to(self.device),
             vocab,
             encode_pairs(vocab, self.pairs("train")),
             self.pairs("valid"),
             train_cfg,
-            self.model_dir("teacher"),
+            self.rundir.model_dir("teacher"),
             self.meta("teacher", "teacher"),
         )
         self.report["models"].setdefault("teacher", {}).update(
@@ -258,8 +217,8 @@ class Pipeline:
              "steps": result.steps}
         )
 
-    def students_needing_seqkd(self) -> list[dict[str, Any]]:
-        return [s for s in self.config.get("students", []) if s.get("data", "seqkd") != "bitext"]
+    def students_needing_seqkd(self) -> list[StudentSpec]:
+        return [s for s in self.config.students if s.data == "seqkd"]
 
     def stage_seqkd(self) -> None:
         if not self.students_needing_seqkd():
@@ -267,14 +226,13 @@ class Pipeline:
             return
         from wdserve.distill.seqkd import generate_seqkd_targets
 
-        section = self.config.get("seqkd", {})
         ct2_dir = self.export_teacher_for_generation()
         sources = [src for src, _ in self.pairs("train")]
         generate_seqkd_targets(
-            self.checkpoint("teacher"),
+            self.rundir.checkpoint("teacher"),
             sources,
-            self.workdir / "seqkd" / "train.tgt",
-            beam_size=section.get("beam_size", 4),
+            self.rundir.seqkd_targets,
+            beam_size=self.config.seqkd.beam_size,
             ct2_model_dir=ct2_dir,
             device=self.device,
         )
@@ -292,9 +250,9 @@ class Pipeline:
         from wdserve.distill.data import DataError
 
         bitext = self.pairs("train")
-        targets = (self.workdir / "seqkd" / "train.tgt").read_text(encoding="utf-8").splitlines()
+        targets = self.rundir.seqkd_targets.read_text(encoding="utf-8").splitlines()
         if len(targets) != len(bitext):
-            raise DataError(f"{self.workdir / 'seqkd' / 'train.tgt'} has {len(targets)} lines, "
+            raise DataError(f"{self.rundir.seqkd_targets} has {len(targets)} lines, "
                             f"expected {len(bitext)}; delete it to regenerate")
         distilled = [(src, hyp) for (src, _), hyp in zip(bitext, targets, strict=True) if hyp.strip()]
         return distilled + bitext if with_bitext else distilled
@@ -304,34 +262,28 @@ class Pipeline:
         from wdserve.distill.model import ModelConfig
         from wdserve.distill.students import student_config, train_student
 
-        teacher_config = ModelConfig.from_dict(read_checkpoint(self.checkpoint("teacher"))["config"])
-        with_bitext = self.config.get("seqkd", {}).get("with_bitext", True)
+        teacher_config = ModelConfig.from_dict(read_checkpoint(self.rundir.checkpoint("teacher"))["config"])
         valid = self.pairs("valid")
         datasets: dict[str, list[tuple[str, str]]] = {}  # read once, shared by students on the same data
-        for spec in self.config.get("students", []):
-            name, method = spec["name"], spec["method"]
-            data = spec.get("data", "seqkd")
-            if data not in datasets:
-                datasets[data] = self.pairs("train") if data == "bitext" else self.seqkd_pairs(with_bitext)
-            train_pairs = datasets[data]
-            config = student_config(teacher_config, spec.get("preset"), spec.get("model", {}))
-            log.info("student %s: method %s on %s data (%d pairs)", name, method, data, len(train_pairs))
-            options = {k: v for k, v in spec.items() if k not in STUDENT_KEYS}
-            options.setdefault("seed", self.config.get("seed", 1))
-            path = train_student(
-                self.checkpoint("teacher"), name, method, config, train_pairs, valid,
-                self.model_dir(name), options, device=self.device,
-            )
-            self.report["models"].setdefault(name, {}).update(
-                {"method": method, "data": data, "checkpoint": str(path)}
+        for spec in self.config.students:
+            if spec.data not in datasets:
+                datasets[spec.data] = (self.pairs("train") if spec.data == "bitext"
+                                       else self.seqkd_pairs(self.config.seqkd.with_bitext))
+            train_pairs = datasets[spec.data]
+            config = student_config(teacher_config, spec.preset, spec.model)
+            log.info("student %s: method %s on %s data (%d pairs)", spec.name, spec.method, spec.data,
+                     len(train_pairs))
+            path = train_student(self.rundir.checkpoint(TEACHER), spec.with_seed(self.config.seed), config,
+                                 train_pairs, valid, self.rundir.model_dir(spec.name), device=self.device)
+            self.report["models"].setdefault(spec.name, {}).update(
+                {"method": spec.method, "data": spec.data, "checkpoint": str(path)}
             )
 
     def stage_export(self) -> None:
         from wdserve.export.verify import verify_export
 
-        section = self.config.get("export", {})
-        quantizations = section.get("quantizations", list(DEFAULT_QUANTIZATIONS))
-        sources = [src for src, _ in self.pairs("test")][: section.get("verify_sentences", 100)]
+        quantizations = self.config.export.quantizations
+        sources = [src for src, _ in self.pairs("test")][: self.config.export.verify_sentences]
         for name in self.model_names():
             dirs = {}
             for quantization in quantizations:
@@ -339,7 +291,7 @@ class Pipeline:
             entry = self.report["models"].setdefault(name, {})
             entry["exports"] = {q: str(p) for q, p in dirs.items()}
             entry["export_size_bytes"] = {q: _dir_size(p) for q, p in dirs.items()}
-            entry["parity"] = verify_export(self.checkpoint(name), dirs, sources, device=self.device)
+            entry["parity"] = verify_export(self.rundir.checkpoint(name), dirs, sources, device=self.device)
             self.write_report()
 
     def export(self, name: str, quantization: str) -> Path:
@@ -347,10 +299,9 @@ class Pipeline:
         from wdserve.distill.checkpoint import file_sha256
         from wdserve.export.convert import convert_checkpoint
 
-        out, checkpoint = self.export_dir(name, quantization), self.checkpoint(name)
-        metadata = out / "model.json"
-        if metadata.is_file():
-            if json.loads(metadata.read_text())["checkpoint_sha256"] == file_sha256(checkpoint):
+        out, checkpoint = self.rundir.export_dir(name, quantization), self.rundir.checkpoint(name)
+        if (out / EXPORT_INFO).is_file():
+            if ExportDir.read(out).info.checkpoint_sha256 == file_sha256(checkpoint):
                 return out
             log.info("%s was exported from an older checkpoint; exporting again", out)
         convert_checkpoint(checkpoint, out, quantization=quantization, name=name, force=True)
@@ -363,10 +314,11 @@ class Pipeline:
         from wdserve.distill.evaluate import evaluate_checkpoint, score
         from wdserve.distill.model import Transformer
 
-        beam = self.config.get("evaluate", {}).get("beam_size", 4)
-        test = self.data_path("test", "src"), self.data_path("test", "tgt")
+        beam = self.config.evaluate.beam_size
+        test = self.rundir.data("test", "src"), self.rundir.data("test", "tgt")
         for name in self.model_names():
-            result = evaluate_checkpoint(self.checkpoint(name), *test, beam_size=beam, device=self.device)
+            result = evaluate_checkpoint(self.rundir.checkpoint(name), *test, beam_size=beam,
+                                         device=self.device)
             entry = self.report["models"].setdefault(name, {})
             entry.update({
                 "parameters": result["parameters"],
@@ -378,7 +330,7 @@ class Pipeline:
             self.write_report()
         # The floor a trained teacher must clear: the same architecture, untrained.
         vocab = self.vocab()
-        torch.manual_seed(self.config.get("seed", 1))
+        torch.manual_seed(self.config.seed)
         untrained = Transformer(self.teacher_config(vocab)).eval()
         pairs = self.pairs("test")
         hypotheses = translate(untrained, vocab, [src for src, _ in pairs], beam_size=1)

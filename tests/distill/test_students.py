@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 
+from wdserve.config import StudentSpec
 from wdserve.distill.checkpoint import file_sha256, load_model, read_checkpoint, save_checkpoint
 from wdserve.distill.model import ModelConfig, Transformer
 from wdserve.distill.seqkd import generate_seqkd_targets
@@ -84,8 +85,8 @@ def test_single_phase_methods_train_a_plain_student(corpus, tmp_path, method):
     if method == "ckd":
         options["ckd"] = {"mapping": "overlap", "alpha": 0.3, "beta": 0.3}
     out = tmp_path / method
-    path = train_student(corpus["teacher"], f"s-{method}", method, cfg, corpus["train"], corpus["valid"], out,
-                         options)
+    spec = StudentSpec(f"s-{method}", method, **options)
+    path = train_student(corpus["teacher"], spec, cfg, corpus["train"], corpus["valid"], out)
     assert path == out / "checkpoint_best.pt"
     model, _, state = load_model(path)
     assert model.config == cfg
@@ -98,10 +99,9 @@ def test_single_phase_methods_train_a_plain_student(corpus, tmp_path, method):
 
 def test_weight_distillation_runs_both_phases_and_resumes(corpus, tmp_path, caplog):
     cfg = student_config(corpus["config"], "stu1")  # k = 4 on the decoder, narrower decoder
-    options = {"phase1": FAST, "phase2": {**FAST, "max_steps": 8}, "word_kd": {"alpha": 0.5}}
+    spec = StudentSpec("student", "wd", phase1=FAST, phase2={**FAST, "max_steps": 8}, word_kd={"alpha": 0.5})
     out = tmp_path / "wd"
-    path = train_student(corpus["teacher"], "student", "wd", cfg, corpus["train"], corpus["valid"], out,
-                         options)
+    path = train_student(corpus["teacher"], spec, cfg, corpus["train"], corpus["valid"], out)
     for phase in ("phase1", "phase2"):
         first, last = losses(out / phase)
         assert last < first, phase
@@ -114,7 +114,7 @@ def test_weight_distillation_runs_both_phases_and_resumes(corpus, tmp_path, capl
     assert not torch.equal(folded[name], final["model"][name])
     before = path.stat().st_mtime_ns, (out / "phase2" / "checkpoint_last.pt").stat().st_mtime_ns
     with caplog.at_level(logging.INFO):
-        train_student(corpus["teacher"], "student", "wd", cfg, corpus["train"], corpus["valid"], out, options)
+        train_student(corpus["teacher"], spec, cfg, corpus["train"], corpus["valid"], out)
     assert (out / "phase2" / "checkpoint_last.pt").stat().st_mtime_ns == before[1]
     assert "not training again" in caplog.text
 

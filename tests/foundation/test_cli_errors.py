@@ -73,13 +73,12 @@ def test_train_names_an_unknown_config_section(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, owner, name", [
-    (["distill", "--method", "wd2"], "wdserve.distill.students", "METHODS"),
-    (["distill", "--preset", "stu3"], "wdserve.distill.students", "PRESETS"),
-    (["export", "ckpt.pt", "out", "-q", "int4"], "wdserve.export.convert", "QUANTIZATIONS"),
+    (["distill", "--method", "wd2"], "wdserve.config", "METHODS"),
+    (["distill", "--preset", "stu3"], "wdserve.config", "PRESETS"),
+    (["export", "ckpt.pt", "out", "-q", "int4"], "wdserve.artifacts", "QUANTIZATIONS"),
 ])
 def test_an_unknown_choice_is_refused_with_its_owners_list(capsys, argv, owner, name):
-    """--method, --preset and --quantization accept exactly the lists their modules define (building the
-    parser imports neither module: see test_cli_data)."""
+    """--method, --preset and --quantization accept exactly the lists their owners define."""
     with pytest.raises(SystemExit) as exit_info:
         wdserve.cli.main(argv)
     assert exit_info.value.code == 2

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from wdserve.config import PipelineConfig
 from wdserve.distill.data import read_parallel
-from wdserve.pipeline import Pipeline, load_config
+from wdserve.pipeline import Pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.multi30k
@@ -13,7 +14,9 @@ pytestmark = pytest.mark.multi30k
 
 @pytest.mark.parametrize("config", ["multi30k-de-en.yaml", "multi30k-de-en-cpu.yaml"])
 def test_data_stage_reads_and_cleans_the_real_corpus(config, multi30k_dir, tmp_path):
-    pipeline = Pipeline(load_config(REPO / "configs" / config), tmp_path, data_dir=multi30k_dir, device="cpu")
+    loaded = PipelineConfig.load(REPO / "configs" / config)
+    loaded.check_fields()
+    pipeline = Pipeline(loaded, tmp_path, data_dir=multi30k_dir, device="cpu")
     pipeline.stage_data()
     pairs = pipeline.report["data"]["pairs"]
     assert pairs["valid"] == 1014 and pairs["test"] == 1000

@@ -1,0 +1,233 @@
+"""The pipeline config (``configs/*.yaml``), typed: one dataclass a section.
+
+``PipelineConfig.load(path)`` reads the YAML and refuses unknown keys at every level, including
+the ``ModelConfig`` and ``TrainConfig`` fields a section passes on, so a typo in ``phase2`` stops
+the run before the teacher trains for hours rather than after. ``wdserve pipeline`` and
+``wdserve distill`` both describe a student as a ``StudentSpec``.
+
+Standard library and PyYAML only; the field checks import ``distill`` (PyTorch) when they run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from wdserve.artifacts import QUANTIZATIONS, SPLITS
+from wdserve.errors import ConfigError
+
+METHODS = ("kd", "seqkd", "wd", "ws", "gated-ws", "ckd")  # see distill/students.py
+PHASED = ("wd", "ws", "gated-ws")  # a generator phase, then (optionally) fine-tuning
+PRESETS = ("stu1", "stu2")  # student shapes relative to the teacher (distill/students.py)
+STUDENT_DATA = ("seqkd", "bitext")
+DEFAULT_SEED = 1
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], values: Any, what: str) -> T:
+    """``cls(**values)`` for a config dataclass, naming unknown or missing keys instead of a TypeError."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{what}: expected a mapping, got {type(values).__name__} {values!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{what}: unknown keys {unknown} (known: {sorted(known)})")
+    try:
+        return cls(**values)
+    except TypeError as err:  # a required key is missing
+        raise ConfigError(f"{what}: {err}") from err
+    except ValueError as err:
+        raise ConfigError(f"{what}: {err}") from err
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Either ``synthetic: {train, valid, test, seed}`` or a corpus directory of
+    ``{dir}/{split}.{lang}[.gz]`` files (``dir`` may come from ``--data-dir`` or ``$WDSERVE_DATA_DIR``)."""
+
+    dir: str | None = None
+    source_lang: str | None = None
+    target_lang: str | None = None
+    splits: dict[str, str] = field(default_factory=dict)  # our split name -> the corpus's file stem
+    clean: dict[str, Any] = field(default_factory=dict)  # distill.data.clean_pairs options
+    synthetic: dict[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.synthetic is None and not (self.source_lang and self.target_lang):
+            raise ValueError("give source_lang and target_lang, or synthetic: {train, valid, test}")
+        unknown = sorted(set(self.splits) - set(SPLITS))
+        if unknown:
+            raise ValueError(f"splits: unknown {unknown}; the splits are {list(SPLITS)}")
+
+    def file_stem(self, split: str) -> str:
+        return self.splits.get(split, split)
+
+    def corpus_dir(self, override: Path | None = None) -> Path:
+        root = override or os.environ.get("WDSERVE_DATA_DIR") or self.dir
+        if not root:
+            raise ConfigError("no corpus directory: set data.dir, --data-dir or $WDSERVE_DATA_DIR")
+        return Path(root)
+
+
+@dataclass(frozen=True)
+class VocabConfig:
+    size: int = 8000
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields but vocab_size
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+
+
+@dataclass(frozen=True)
+class SeqKDConfig:
+    beam_size: int = 4
+    with_bitext: bool = True  # the weight-distillation paper trains on bitext + distilled data
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """One student: its shape (``preset`` and/or ``model`` fields over the teacher's), its method, the
+    data it learns from and the method's options (``distill/students.py`` says which apply)."""
+
+    name: str
+    method: str
+    preset: str | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    data: str = "seqkd"
+    seed: int | None = None  # default: the pipeline's seed
+    train: dict[str, Any] | None = None  # TrainConfig fields (phase 2 falls back to these)
+    phase1: dict[str, Any] | None = None
+    phase2: dict[str, Any] | None = None
+    word_kd: dict[str, Any] | None = None  # {alpha, temperature}
+    ckd: dict[str, Any] | None = None  # {mapping, alpha, beta, temperature}
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {list(METHODS)}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; expected one of {list(PRESETS)}")
+        if self.data not in STUDENT_DATA:
+            raise ValueError(f"data must be one of {list(STUDENT_DATA)}, got {self.data!r}")
+
+    @property
+    def phased(self) -> bool:
+        return self.method in PHASED
+
+    def ignored_options(self) -> list[str]:
+        """Options given that this method does not read."""
+        unused = {"phase1", "phase2"} if not self.phased else set()
+        if self.method != "ckd":
+            unused.add("ckd")
+        return sorted(name for name in unused if getattr(self, name) is not None)
+
+    def with_seed(self, seed: int) -> StudentSpec:
+        return self if self.seed is not None else dataclasses.replace(self, seed=seed)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    quantizations: tuple[str, ...] = ("int8", "float32")
+    verify_sentences: int = 100
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "quantizations", tuple(self.quantizations))
+        if not self.quantizations:
+            raise ValueError("quantizations: give at least one")
+        unknown = sorted(set(self.quantizations) - set(QUANTIZATIONS))
+        if unknown:
+            raise ValueError(f"quantizations: unknown {unknown} (known: {list(QUANTIZATIONS)})")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    beam_size: int = 4
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """A whole ``wdserve pipeline`` run; every section but ``teacher`` is optional."""
+
+    teacher: TeacherConfig
+    data: DataConfig
+    name: str = "pipeline"
+    seed: int = DEFAULT_SEED
+    vocab: VocabConfig = field(default_factory=VocabConfig)
+    seqkd: SeqKDConfig = field(default_factory=SeqKDConfig)
+    students: tuple[StudentSpec, ...] = ()
+    export: ExportConfig = field(default_factory=ExportConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    @classmethod
+    def load(cls, path: Path) -> PipelineConfig:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"pipeline config not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(values, dict) or "teacher" not in values:
+            raise ConfigError(f"{path}: a pipeline config needs at least a 'teacher' section")
+        return cls.from_dict({"name": path.stem, **values}, str(path))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], what: str = "config") -> PipelineConfig:
+        sections = {"teacher": TeacherConfig, "data": DataConfig, "vocab": VocabConfig,
+                    "seqkd": SeqKDConfig, "export": ExportConfig, "evaluate": EvaluateConfig}
+        known = sorted(f.name for f in fields(cls))
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"{what}: unknown sections {unknown} (known: {known})")
+        typed = {key: from_dict(kind, values[key], f"{what}: {key}")
+                 for key, kind in sections.items() if key in values}
+        students = values.get("students") or []
+        if not isinstance(students, list):
+            raise ConfigError(f"{what}: students must be a list")
+        typed["students"] = tuple(
+            from_dict(StudentSpec, student, f"{what}: students[{i}]") for i, student in enumerate(students))
+        names = [student.name for student in typed["students"]]
+        duplicated = sorted({name for name in names if names.count(name) > 1} | ({"teacher"} & set(names)))
+        if duplicated:
+            raise ConfigError(f"{what}: student names must be unique and not 'teacher': {duplicated}")
+        if "data" not in typed:
+            raise ConfigError(f"{what}: a pipeline config needs a 'data' section")
+        scalars = {key: values[key] for key in ("name", "seed") if key in values}
+        return cls(**typed, **scalars)
+
+    def select_students(self, names: list[str]) -> PipelineConfig:
+        """This config with only the named students (in that order)."""
+        by_name = {student.name: student for student in self.students}
+        unknown = [name for name in names if name not in by_name]
+        if unknown:
+            raise ConfigError(f"--students: {unknown} not in the config (it has {sorted(by_name)})")
+        return dataclasses.replace(self, students=tuple(by_name[name] for name in names))
+
+    def check_fields(self, what: str = "config") -> None:
+        """The model and training fields each section passes on, checked against ``ModelConfig`` and
+        ``TrainConfig`` (imports PyTorch)."""
+        from wdserve.distill.model import ModelConfig
+        from wdserve.distill.train import TrainConfig
+
+        def check(kind: type, values: dict[str, Any] | None, where: str, allowed_missing: set[str]) -> None:
+            known = {f.name for f in fields(kind)} - allowed_missing
+            unknown = sorted(set(values or {}) - known)
+            if unknown:
+                raise ConfigError(f"{what}: {where}: unknown {kind.__name__} fields {unknown} "
+                                  f"(known: {sorted(known)})")
+
+        check(ModelConfig, self.teacher.model, "teacher.model", {"vocab_size"})
+        check(TrainConfig, self.teacher.train, "teacher.train", set())
+        for student in self.students:
+            check(ModelConfig, student.model, f"students.{student.name}.model", set())
+            for key in ("train", "phase1", "phase2"):
+                check(TrainConfig, getattr(student, key), f"students.{student.name}.{key}", set())

@@ -72,7 +72,7 @@ def configure_data(parser: argparse.ArgumentParser) -> None:
     multi30k = sub.add_parser(
         "multi30k", help="download Multi30k task 1 (de, en, fr) from its GitHub repository",
         description="Downloads {train,val,test_2016_flickr}.{de,en,fr}.gz. Offline? Point the config's "
-                    "data.dir at an existing copy instead, e.g. ../shared/data/multi30k.",
+                    "data.dir (or --data-dir) at an existing copy of those files instead.",
     )
     multi30k.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     multi30k.add_argument("--base-url", default=MULTI30K_URL,

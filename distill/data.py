@@ -161,8 +161,8 @@ def download_multi30k(
                 reason = getattr(err, "reason", err)
                 raise DataError(
                     f"cannot download {url}: {reason}. Without internet access, point the config's "
-                    f"data.dir (or --data-dir / $WDSERVE_DATA_DIR) at an existing copy of Multi30k, "
-                    f"such as ../shared/data/multi30k"
+                    f"data.dir (or --data-dir / $WDSERVE_DATA_DIR) at an existing copy of Multi30k "
+                    f"(its train, val and test_2016_flickr files, plain or .gz)"
                 ) from err
             if payload[:2] != GZIP_MAGIC:
                 raise DataError(f"{url} did not return a gzip file (got {len(payload)} bytes)")

@@ -123,7 +123,10 @@ def _one_torch_thread() -> None:
 @pytest.fixture(scope="session")
 def multi30k_dir() -> Path:
     """The real Multi30k files (read in place, never copied), or a skip when absent."""
-    path = Path(os.environ.get("WDSERVE_MULTI30K", REPO.parent / "shared" / "data" / "multi30k"))
+    # default: what `wdserve data multi30k data/multi30k` writes, else the development machine's copy
+    candidates = [REPO / "data" / "multi30k", REPO.parent / "shared" / "data" / "multi30k"]
+    default = next((c for c in candidates if c.is_dir()), candidates[0])
+    path = Path(os.environ.get("WDSERVE_MULTI30K", default))
     if not path.is_dir():
         pytest.skip(f"Multi30k not found at {path} (set WDSERVE_MULTI30K)")
     return path

@@ -1,4 +1,4 @@
-"""The Multi30k configs on the real files (skipped where ../shared/data/multi30k is absent)."""
+"""The Multi30k configs on the real files (skipped where the Multi30k files are absent)."""
 
 from pathlib import Path
 

@@ -66,7 +66,7 @@ def _warm_up(model, examples: list[tuple[list[int], list[int]]], steps: int) -> 
 
 @pytest.fixture(scope="session")
 def tiny_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run directory as ``wdserve pipeline`` lays it out (README.md, "The pipeline"), with barely
+    """A run directory as ``wdserve pipeline`` lays it out (``wdserve.artifacts.RunDir``), with barely
     trained models:
 
     ``data/{train,valid,test}.{src,tgt}``, ``vocab/spm.model``,

@@ -3,7 +3,9 @@
 A checkpoint is one ``torch.save`` dict:
 
 - ``config``: ``ModelConfig.to_dict()``; ``model``: the state dict;
-- ``vocab``: the SentencePiece model's bytes, so export and evaluation need nothing else;
+- ``vocab``: ``Vocab.to_state()``, the SentencePiece model's bytes (or, for an imported
+  teacher's split vocabulary, a dict of its tokens and two models), so export and
+  evaluation need nothing else;
 - ``meta``: free-form facts (name, method, language pair, teacher hash, ...);
 - ``train_state`` (optional): optimizer, scheduler, step, RNG states for resuming.
 
@@ -60,7 +62,7 @@ def save_checkpoint(
     state = {
         "config": model.config.to_dict(),
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "vocab": vocab.model_bytes,
+        "vocab": vocab.to_state(),
         "meta": dict(meta or {}),
     }
     if train_state is not None:

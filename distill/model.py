@@ -2,14 +2,20 @@
 
 Every module mirrors a CTranslate2 spec (``ctranslate2.specs.TransformerSpec``):
 
-- embeddings are scaled by sqrt(width) and summed with a sinusoidal table
-  (sin half then cos half, positions from 0), which the exporter writes out
-  verbatim, so no formula has to agree between the two sides;
+- embeddings are scaled by sqrt(width) (``scale_embeddings``) and summed with a
+  sinusoidal table (sin half then cos half, positions from 0), which the exporter
+  writes out verbatim, so no formula has to agree between the two sides;
 - attention keeps separate q, k and v projections (the exporter fuses them;
   weight distillation generates each one on its own);
 - cross-attention projects the encoder width to the decoder width, so a
   student may pair a wide encoder with a narrow decoder;
-- pre-norm models end each stack with a layer norm, post-norm models do not.
+- pre-norm models end each stack with a layer norm, post-norm models do not;
+- the output projection may carry a bias (``output_bias``), CTranslate2's
+  ``decoder.projection.bias``.
+
+The options beyond wdserve's own defaults (``activation="silu"``,
+``position_encoding="marian"``, ``output_bias``) are what a pretrained Marian
+model needs (``distill.marian``).
 
 Source sequences are ``pieces + [</s>]`` (CTranslate2's ``add_source_eos``);
 decoder input is ``[<s>] + pieces`` and the target is ``pieces + [</s>]``.
@@ -27,6 +33,16 @@ from torch import nn
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")
 
+# Named by their torch functions: gelu is the erf form, silu is x * sigmoid(x) (Marian's "swish")
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+# Both tables are [sin(p * t_i) | cos(p * t_i)] for positions p = 0, 1, ... and i < dim/2; they differ in
+# the frequencies t_i:
+# - "tensor2tensor" (CTranslate2's and fairseq's own): t_i = 10000 ** (-i / (dim/2 - 1));
+# - "marian" (Marian's, and transformers' MarianSinusoidalPositionalEmbedding):
+#   t_i = 10000 ** (-2i / dim), the formula of "Attention Is All You Need".
+POSITION_ENCODINGS = ("tensor2tensor", "marian")
+
 
 @dataclass
 class ModelConfig:
@@ -40,7 +56,7 @@ class ModelConfig:
     dec_heads: int = 8
     dec_ffn: int = 2048
     pre_norm: bool = True
-    activation: str = "relu"  # "relu" or "gelu"
+    activation: str = "relu"  # one of ACTIVATIONS
     share_embeddings: bool = True  # encoder and decoder share one table (needs enc_dim == dec_dim)
     tie_output: bool = True  # output projection reuses the decoder embedding table
     dropout: float = 0.1
@@ -48,10 +64,16 @@ class ModelConfig:
     activation_dropout: float = 0.0
     max_positions: int = 512
     layer_norm_eps: float = 1e-5
+    position_encoding: str = "tensor2tensor"  # one of POSITION_ENCODINGS
+    scale_embeddings: bool = True  # token embeddings times sqrt(width) before adding positions
+    output_bias: bool = False  # the output projection adds a per-token bias
 
     def __post_init__(self) -> None:
-        if self.activation not in ("relu", "gelu"):
-            raise ValueError(f"activation must be 'relu' or 'gelu', got {self.activation!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.position_encoding not in POSITION_ENCODINGS:
+            raise ValueError(f"position_encoding must be one of {POSITION_ENCODINGS}, "
+                             f"got {self.position_encoding!r}")
         for side in ("enc", "dec"):
             dim, heads = getattr(self, f"{side}_dim"), getattr(self, f"{side}_heads")
             if dim % heads:
@@ -80,11 +102,16 @@ def config_from_dict(cls, values: dict, what: str):
     return cls(**values)
 
 
-def sinusoidal_table(num_positions: int, dim: int) -> torch.Tensor:
-    """CTranslate2's sinusoidal encodings: [sin(p * t_i) | cos(p * t_i)], p = 0, 1, ..."""
+def sinusoidal_table(num_positions: int, dim: int, encoding: str = "tensor2tensor") -> torch.Tensor:
+    """Sinusoidal encodings [sin(p * t_i) | cos(p * t_i)], p = 0, 1, ... (``POSITION_ENCODINGS``)."""
     half = dim // 2
-    increment = math.log(10000.0) / max(half - 1, 1)
-    timescales = torch.exp(torch.arange(half, dtype=torch.float64) * -increment)
+    steps = torch.arange(half, dtype=torch.float64)
+    if encoding == "tensor2tensor":
+        timescales = torch.exp(steps * -(math.log(10000.0) / max(half - 1, 1)))
+    elif encoding == "marian":
+        timescales = 1.0 / torch.pow(10000.0, 2.0 * steps / dim)
+    else:
+        raise ValueError(f"unknown position encoding {encoding!r}; expected one of {POSITION_ENCODINGS}")
     scaled = torch.arange(num_positions, dtype=torch.float64)[:, None] * timescales[None, :]
     return torch.cat([torch.sin(scaled), torch.cos(scaled)], dim=1).float()  # (P, dim)
 
@@ -129,7 +156,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
-        self.activation = F.relu if activation == "relu" else F.gelu
+        self.activation = ACTIVATIONS[activation]
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,13 +226,22 @@ class DecoderLayer(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Token table scaled by sqrt(width) plus fixed sinusoidal positions."""
+    """Token table (scaled by sqrt(width) unless ``scale`` is off) plus fixed sinusoidal positions."""
 
-    def __init__(self, vocab_size: int, dim: int, max_positions: int, dropout: float) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        max_positions: int,
+        dropout: float,
+        position_encoding: str = "tensor2tensor",
+        scale: bool = True,
+    ) -> None:
         super().__init__()
         self.tokens = nn.Embedding(vocab_size, dim, padding_idx=PAD_ID)
-        self.register_buffer("positions", sinusoidal_table(max_positions, dim), persistent=False)
-        self.scale = math.sqrt(dim)
+        table = sinusoidal_table(max_positions, dim, position_encoding)
+        self.register_buffer("positions", table, persistent=False)
+        self.scale = math.sqrt(dim) if scale else 1.0
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -247,7 +283,7 @@ class Decoder(nn.Module):
         self.embedding = embedding
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
         self.final_norm = nn.LayerNorm(cfg.dec_dim, eps=cfg.layer_norm_eps) if cfg.pre_norm else None
-        self.output_proj = nn.Linear(cfg.dec_dim, cfg.vocab_size, bias=False)
+        self.output_proj = nn.Linear(cfg.dec_dim, cfg.vocab_size, bias=cfg.output_bias)
         if cfg.tie_output:
             self.output_proj.weight = embedding.tokens.weight
 
@@ -303,8 +339,10 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        src_embedding = Embedding(cfg.vocab_size, cfg.enc_dim, cfg.max_positions, cfg.dropout)
-        tgt_embedding = Embedding(cfg.vocab_size, cfg.dec_dim, cfg.max_positions, cfg.dropout)
+        src_embedding = Embedding(cfg.vocab_size, cfg.enc_dim, cfg.max_positions, cfg.dropout,
+                                  cfg.position_encoding, cfg.scale_embeddings)
+        tgt_embedding = Embedding(cfg.vocab_size, cfg.dec_dim, cfg.max_positions, cfg.dropout,
+                                  cfg.position_encoding, cfg.scale_embeddings)
         if cfg.share_embeddings:
             # One table, two modules: a module reachable by two paths trips torch.func.functional_call
             # (distill.wd runs students through it), which restores a shared module's tensors wrongly.

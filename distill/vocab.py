@@ -1,8 +1,10 @@
-"""Joint SentencePiece vocabulary whose special tokens match CTranslate2's defaults.
+"""Vocabularies whose special tokens match CTranslate2's defaults.
 
 Ids 0-3 are ``<pad> <unk> <s> </s>`` (see ``distill.model``), so the token list
 written into a CTranslate2 model and the ids the PyTorch model was trained on
-agree by construction.
+agree by construction. wdserve trains one joint SentencePiece model
+(``train_sentencepiece``); an imported teacher brings a token list and a
+SentencePiece model per language (``Vocab.split``, ``distill.marian``).
 """
 
 from __future__ import annotations
@@ -73,31 +75,154 @@ def train_sentencepiece(
 
 
 class Vocab:
-    """Encodes text to ids and back with a SentencePiece model (from a file or its bytes)."""
+    """The model's tokens, and the SentencePiece model(s) that turn text into their ids and back.
 
-    def __init__(self, model: Path | bytes) -> None:
-        self.model_bytes = model if isinstance(model, bytes) else Path(model).read_bytes()
-        self.sp = spm.SentencePieceProcessor(model_proto=self.model_bytes)
+    Two kinds, one interface (``encode_source``, ``encode_target``, ``decode``, ``tokens``):
+
+    - joint, ``Vocab(model)``: wdserve's own vocabulary, one SentencePiece model (a file or its
+      bytes) for both languages whose ids are the model's ids;
+    - split, ``Vocab.split(tokens, source_model, target_model)``: an imported teacher's (Marian's
+      ``vocab.json`` with ``source.spm`` and ``target.spm``), a token list in the model's id order
+      plus one SentencePiece model per language. Each model only cuts text into pieces; a piece's id
+      is its position in ``tokens``, and a piece the list lacks is ``<unk>``. A text that starts with
+      a language code such as ``>>fr<<`` keeps the code as one token, as ``MarianTokenizer`` does.
+
+    Either way ids 0-3 are ``<pad> <unk> <s> </s>``. A checkpoint stores ``to_state()`` (the joint
+    model's bytes, as it always has, or a dict for a split vocabulary) and ``Vocab(state)`` rebuilds it.
+    """
+
+    def __init__(self, model: Path | bytes | dict) -> None:
+        if isinstance(model, dict):
+            self._init_split(model)
+            return
+        model_bytes = model if isinstance(model, bytes) else Path(model).read_bytes()
+        self.source_model_bytes = self.target_model_bytes = model_bytes
+        sp = spm.SentencePieceProcessor(model_proto=model_bytes)
         for token_id, piece in enumerate(SPECIAL_TOKENS):
-            if self.sp.id_to_piece(token_id) != piece:
+            if sp.id_to_piece(token_id) != piece:
                 raise ValueError(
-                    f"SentencePiece model maps id {token_id} to {self.sp.id_to_piece(token_id)!r}, "
+                    f"SentencePiece model maps id {token_id} to {sp.id_to_piece(token_id)!r}, "
                     f"expected {piece!r}; train it with distill.vocab.train_sentencepiece"
                 )
+        self.source_sp = self.target_sp = sp
+        self._tokens = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+        self._ids: dict[str, int] | None = None  # the joint model's own ids are the model's
+
+    @classmethod
+    def split(cls, tokens: list[str], source_model: bytes, target_model: bytes) -> Vocab:
+        """A vocabulary whose ids are positions in ``tokens`` (which starts with ``SPECIAL_TOKENS``)."""
+        return cls({"tokens": list(tokens), "source_spm": bytes(source_model),
+                    "target_spm": bytes(target_model)})
+
+    def _init_split(self, state: dict) -> None:
+        missing = {"tokens", "source_spm", "target_spm"} - set(state)
+        if missing:
+            raise ValueError(f"a split vocabulary needs {sorted(missing)} besides {sorted(state)}")
+        tokens = [str(token) for token in state["tokens"]]
+        if tuple(tokens[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
+            raise ValueError(f"a vocabulary's first tokens must be {list(SPECIAL_TOKENS)}, "
+                             f"got {tokens[: len(SPECIAL_TOKENS)]}")
+        ids = {token: i for i, token in enumerate(tokens)}
+        if len(ids) != len(tokens):
+            repeated = sorted({token for token in tokens if tokens.count(token) > 1})
+            raise ValueError(f"a vocabulary lists these tokens more than once: {repeated[:5]}")
+        self.source_model_bytes, self.target_model_bytes = state["source_spm"], state["target_spm"]
+        self.source_sp = spm.SentencePieceProcessor(model_proto=self.source_model_bytes)
+        self.target_sp = spm.SentencePieceProcessor(model_proto=self.target_model_bytes)
+        self._tokens, self._ids = tokens, ids
+
+    @property
+    def is_joint(self) -> bool:
+        return self._ids is None
+
+    def to_state(self) -> bytes | dict:
+        """What a checkpoint stores: the joint model's bytes, or the split vocabulary's parts."""
+        if self.is_joint:
+            return self.source_model_bytes
+        return {"tokens": list(self._tokens), "source_spm": self.source_model_bytes,
+                "target_spm": self.target_model_bytes}
+
+    @property
+    def model_bytes(self) -> bytes:
+        """The joint SentencePiece model (a split vocabulary has two: ``source/target_model_bytes``)."""
+        self._require_joint("model_bytes", "source_model_bytes and target_model_bytes")
+        return self.source_model_bytes
+
+    @property
+    def sp(self) -> spm.SentencePieceProcessor:
+        """The joint SentencePiece model (a split vocabulary has two: ``source_sp``, ``target_sp``)."""
+        self._require_joint("sp", "source_sp and target_sp")
+        return self.source_sp
+
+    def _require_joint(self, name: str, instead: str) -> None:
+        """A joint vocabulary's text has no side; guessing a split one's would be a silent bug."""
+        if not self.is_joint:
+            raise ValueError(f"Vocab.{name} exists for a joint vocabulary only; this one has separate "
+                             f"source and target SentencePiece models: use {instead}")
 
     def __len__(self) -> int:
-        return self.sp.get_piece_size()
+        return len(self._tokens)
 
     @property
     def tokens(self) -> list[str]:
-        return [self.sp.id_to_piece(i) for i in range(len(self))]
+        return list(self._tokens)
+
+    def piece_to_id(self, piece: str) -> int:
+        if self._ids is None:
+            return self.source_sp.piece_to_id(piece)
+        return self._ids.get(piece, UNK_ID)
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._tokens[token_id]
+
+    def encode_source_pieces(self, text: str) -> list[str]:
+        """Pieces of a source sentence, without special tokens."""
+        return self._pieces(self.source_sp, text)
+
+    def encode_target_pieces(self, text: str) -> list[str]:
+        """Pieces of a target sentence, without special tokens."""
+        return self._pieces(self.target_sp, text)
+
+    def encode_source(self, text: str) -> list[int]:
+        """Ids of a source sentence, without special tokens (callers append ``</s>``)."""
+        return self._ids_of(self.source_sp, text)
+
+    def encode_target(self, text: str) -> list[int]:
+        """Ids of a target sentence, without special tokens."""
+        return self._ids_of(self.target_sp, text)
+
+    def _pieces(self, sp: spm.SentencePieceProcessor, text: str) -> list[str]:
+        if self.is_joint:
+            return sp.encode(text, out_type=str)
+        code, text = _split_language_code(text)
+        return code + sp.encode(text, out_type=str)
+
+    def _ids_of(self, sp: spm.SentencePieceProcessor, text: str) -> list[int]:
+        if self.is_joint:
+            return sp.encode(text, out_type=int)
+        return [self._ids.get(piece, UNK_ID) for piece in self._pieces(sp, text)]
 
     def encode(self, text: str) -> list[int]:
-        """Pieces of ``text`` without special tokens."""
-        return self.sp.encode(text, out_type=int)
+        """Ids of ``text`` in a joint vocabulary (either side), without special tokens."""
+        self._require_joint("encode", "encode_source or encode_target")
+        return self.encode_source(text)
 
     def encode_pieces(self, text: str) -> list[str]:
-        return self.sp.encode(text, out_type=str)
+        self._require_joint("encode_pieces", "encode_source_pieces or encode_target_pieces")
+        return self.encode_source_pieces(text)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.sp.decode([i for i in ids if i not in (PAD_ID, BOS_ID, EOS_ID)])
+        """The target text of ``ids``; ``<pad>``, ``<s>`` and ``</s>`` are left out."""
+        kept = [i for i in ids if i not in (PAD_ID, BOS_ID, EOS_ID)]
+        if self.is_joint:
+            return self.target_sp.decode(kept)
+        # As MarianTokenizer: a piece the target model lacks is kept verbatim, "\u2581" included.
+        text = self.target_sp.decode_pieces([self._tokens[i] for i in kept])
+        return text.replace("\u2581", " ").strip()
+
+
+def _split_language_code(text: str) -> tuple[list[str], str]:
+    """``([">>fr<<"], rest)`` for a text that starts with a language code, ``([], text)`` otherwise."""
+    if text.startswith(">>") and (end := text.find("<<")) != -1:
+        return [text[: end + 2]], text[end + 2 :]
+    return [], text

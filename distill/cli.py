@@ -1,6 +1,7 @@
-"""``wdserve data``, ``train``, ``evaluate`` and ``distill``: the PyTorch stage's subcommands.
+"""``wdserve data``, ``train``, ``import``, ``evaluate`` and ``distill``: the PyTorch stage's subcommands.
 
     wdserve data synthetic corpus/
+    wdserve import Helsinki-NLP/opus-mt-de-en --out models/teacher
     wdserve train --train-src train.de --train-tgt train.en --valid-src val.de --valid-tgt val.en \\
         --vocab spm.model --out models/teacher --config teacher.yaml --max-steps 20000
     wdserve distill --teacher runs/m30k/models/teacher/checkpoint_best.pt --method wd --preset stu1 \\
@@ -155,6 +156,28 @@ def run_train(args: argparse.Namespace) -> None:
     result = train(model, vocab, encode_pairs(vocab, train_pairs), valid_pairs, train_cfg, args.out, meta)
     print(json.dumps({"best": str(result.best_path), "last": str(result.last_path),
                       "dev_bleu": result.best_bleu, "steps": result.steps}, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------------
+# wdserve import
+
+
+def configure_import(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="SOURCE",
+                        help="Hugging Face model id (e.g. Helsinki-NLP/opus-mt-de-en) or a local directory "
+                             "holding a saved MarianMTModel and its MarianTokenizer files")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="directory for checkpoint_best.pt (a teacher checkpoint) and pretrained.json")
+    parser.add_argument("--offline", action="store_true",
+                        help="never download: a model id must already be in the Hugging Face cache "
+                             "(also with HF_HUB_OFFLINE=1)")
+
+
+def run_import(args: argparse.Namespace) -> None:
+    from wdserve.distill.marian import import_marian
+
+    path = import_marian(args.source, args.out, local_files_only=args.offline)
+    print(f"teacher checkpoint: {path}")
 
 
 # ---------------------------------------------------------------------------------------------------

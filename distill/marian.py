@@ -63,6 +63,7 @@ from wdserve.distill.model import (
     sinusoidal_table,
 )
 from wdserve.distill.vocab import Vocab
+from wdserve.errors import WdserveError
 
 if TYPE_CHECKING:
     from transformers import MarianMTModel, MarianTokenizer
@@ -99,7 +100,7 @@ _TABLES = {
 }
 
 
-class MarianImportError(ValueError):
+class MarianImportError(WdserveError, ValueError):
     """A source that cannot be loaded or converted; the message says which and what to do."""
 
 

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pipeline": ("wdserve.pipeline", "run every stage of a pipeline config (data to report)"),
     "data": ("wdserve.distill.cli", "write a synthetic corpus, or download Multi30k"),
     "train": ("wdserve.distill.cli", "train a model on a parallel corpus"),
+    "import": ("wdserve.distill.cli", "import a pretrained Marian / OPUS-MT teacher (Hugging Face format)"),
     "evaluate": ("wdserve.distill.cli", "score a checkpoint or CTranslate2 model with sacreBLEU"),
     "distill": ("wdserve.distill.cli", "train one student from a teacher checkpoint"),
     "export": ("wdserve.export.cli", "convert a checkpoint to CTranslate2 and verify it"),

@@ -82,8 +82,17 @@ class VocabConfig:
 
 @dataclass(frozen=True)
 class TeacherConfig:
+    """A teacher to train (``model``, ``train``), or a pretrained one to import (``pretrained``: a
+    Hugging Face Marian model id such as ``Helsinki-NLP/opus-mt-de-en``, or a local directory)."""
+
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields but vocab_size
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+    pretrained: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pretrained and (self.model or self.train):
+            raise ValueError("a pretrained teacher brings its own architecture and weights: "
+                             "give pretrained alone, without model or train")
 
 
 @dataclass(frozen=True)
@@ -201,6 +210,9 @@ class PipelineConfig:
             raise ConfigError(f"{what}: student names must be unique and not 'teacher': {duplicated}")
         if "data" not in typed:
             raise ConfigError(f"{what}: a pipeline config needs a 'data' section")
+        if typed["teacher"].pretrained and "vocab" in values:
+            raise ConfigError(f"{what}: vocab: a pretrained teacher brings its own vocabulary; remove the "
+                              "vocab section")
         scalars = {key: values[key] for key in ("name", "seed") if key in values}
         return cls(**typed, **scalars)
 

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from wdserve.artifacts import EXPORT_INFO, SPLITS, TEACHER, ExportDir, RunDir
 from wdserve.config import PipelineConfig, StudentSpec
+from wdserve.errors import ConfigError
 
 if TYPE_CHECKING:  # distill imports torch: only at run time, inside the stages
     from wdserve.distill.model import ModelConfig
@@ -168,6 +169,9 @@ class Pipeline:
     def stage_vocab(self) -> None:
         from wdserve.distill.vocab import train_sentencepiece
 
+        if self.config.teacher.pretrained:
+            log.info("the vocabulary comes with the pretrained teacher")
+            return
         path = self.rundir.vocab
         if path.is_file():
             log.info("vocabulary exists: %s", path)
@@ -177,9 +181,14 @@ class Pipeline:
         train_sentencepiece([text for pair in pairs for text in pair], path, vocab_size=size)
         self.report["vocab"] = {"path": str(path), "requested_size": size}
 
-    def vocab(self):
+    def vocab(self) -> Vocab:
+        """The run's vocabulary: trained by stage_vocab, or the pretrained teacher's own."""
         from wdserve.distill.vocab import Vocab
 
+        if self.config.teacher.pretrained:
+            from wdserve.distill.checkpoint import read_checkpoint
+
+            return Vocab(read_checkpoint(self.rundir.checkpoint(TEACHER))["vocab"])
         return Vocab(self.rundir.vocab)
 
     def meta(self, name: str, method: str, **extra: Any) -> dict[str, Any]:
@@ -189,9 +198,16 @@ class Pipeline:
     def teacher_config(self, vocab: Vocab) -> ModelConfig:
         from wdserve.distill.model import ModelConfig
 
+        if self.config.teacher.pretrained:
+            from wdserve.distill.checkpoint import read_checkpoint
+
+            return ModelConfig.from_dict(read_checkpoint(self.rundir.checkpoint(TEACHER))["config"])
         return ModelConfig(vocab_size=len(vocab), **self.config.teacher.model)
 
     def stage_teacher(self) -> None:
+        if self.config.teacher.pretrained:
+            self.import_teacher(self.config.teacher.pretrained)
+            return
         import torch
 
         from wdserve.distill.batching import encode_pairs
@@ -216,6 +232,25 @@ class Pipeline:
             {"method": "teacher", "checkpoint": str(result.best_path), "dev_bleu": result.best_bleu,
              "steps": result.steps}
         )
+
+    def import_teacher(self, source: str) -> None:
+        """The pretrained teacher as a wdserve checkpoint (``wdserve import``), once."""
+        from wdserve.distill.checkpoint import read_checkpoint
+        from wdserve.distill.marian import import_marian
+
+        path = self.rundir.checkpoint(TEACHER)
+        if path.is_file():
+            log.info("pretrained teacher already imported: %s", path)
+        else:
+            log.info("importing the pretrained teacher %s", source)
+            import_marian(source, path.parent)
+        meta = read_checkpoint(path)["meta"]
+        pair, wanted = (meta.get("source_lang"), meta.get("target_lang")), self.languages
+        if None not in pair and pair != wanted:
+            raise ConfigError(f"teacher.pretrained {source} translates {pair[0]} -> {pair[1]}, but the data "
+                              f"is {wanted[0]} -> {wanted[1]}")
+        self.report["models"].setdefault(TEACHER, {}).update(
+            {"method": "teacher", "checkpoint": str(path), "pretrained": source})
 
     def students_needing_seqkd(self) -> list[StudentSpec]:
         return [s for s in self.config.students if s.data == "seqkd"]

@@ -49,6 +49,8 @@ def test_a_student_takes_the_pipeline_seed_unless_it_has_its_own():
     ({"data": {"source_lang": "de", "target_lang": "en", "splits": {"dev": "val"}}}, r"unknown \['dev'\]"),
     ({"teacher": [1]}, r"teacher: expected a mapping"),
     ({"export": {"quantizations": ["int4"]}}, r"export: quantizations: unknown \['int4'\]"),
+    ({"teacher": {"pretrained": "x/y", "model": {"enc_layers": 2}}}, r"give pretrained alone"),
+    ({"teacher": {"pretrained": "x/y"}, "vocab": {"size": 10}}, r"brings its own vocabulary"),
 ])
 def test_mistakes_are_named(change: dict, message: str):
     with pytest.raises(ConfigError, match=message):

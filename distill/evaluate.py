@@ -90,19 +90,21 @@ def evaluate_ctranslate2(
     one the service delivers.
     """
     import ctranslate2
-    import sentencepiece as spm
+
+    from wdserve.pieces import Tokenizer
 
     export = ExportDir.read(model_dir, require_info=False)
     pairs = read_parallel(src_path, ref_path)
-    sp = spm.SentencePieceProcessor(model_file=str(export.vocab))
+    tokenizer = Tokenizer.for_export(export)
     translator = ctranslate2.Translator(str(export.path), device=device, compute_type=compute_type)
     started = time.perf_counter()
-    sources = [sp.encode(source, out_type=str) for source, _ in pairs]
+    sources = [tokenizer.source_pieces(source) for source, _ in pairs]
     hypotheses = [""] * len(sources)
     for indices, outputs in translate_corpus(translator, sources, beam_size, batch_size, max_length,
-                                             output_limit, export.max_positions):
+                                             output_limit, export.max_positions,
+                                             source_end=tokenizer.source_end):
         for i, pieces in zip(indices, outputs, strict=True):
-            hypotheses[i] = sp.decode(pieces)
+            hypotheses[i] = tokenizer.decode(pieces)
     seconds = time.perf_counter() - started
     return _result(hypotheses, [r for _, r in pairs], beam_size, seconds)
 

@@ -128,16 +128,17 @@ def _translate_ct2(
     model_dir: Path, sources: list[str], beam_size: int, device: str, batch_size: int, started: float
 ) -> list[str]:
     import ctranslate2
-    import sentencepiece as spm
+
+    from wdserve.pieces import Tokenizer
 
     export = ExportDir.read(model_dir)
     max_positions = export.max_positions or 512
-    sp = spm.SentencePieceProcessor(model_file=str(export.vocab))
+    tokenizer = Tokenizer.for_export(export)
     translator = ctranslate2.Translator(
         str(model_dir), device="cuda" if str(device).startswith("cuda") else "cpu"
     )
     # add_source_eos is set in the exported model: pass pieces only, cut to leave room for </s>.
-    pieces = [sp.encode(s, out_type=str)[: max_positions - 1] for s in sources]
+    pieces = [tokenizer.source_pieces(s)[: max_positions - 1] for s in sources]
     # One call per source length, so each sentence gets exactly its own output limit
     # (CTranslate2's max_decoding_length applies to a whole call).
     by_length: dict[int, list[int]] = {}
@@ -153,7 +154,7 @@ def _translate_ct2(
             outputs = translator.translate_batch([pieces[i] for i in chunk], beam_size=beam_size,
                                                  max_batch_size=batch_size, max_decoding_length=limit)
             for i, output in zip(chunk, outputs, strict=True):
-                results[i] = sp.decode_pieces(output.hypotheses[0])
+                results[i] = tokenizer.decode(output.hypotheses[0])
             done += len(chunk)
             if done - logged >= CHUNK or done == len(pieces):
                 _progress(done, len(pieces), started)

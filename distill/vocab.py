@@ -17,6 +17,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from wdserve.distill.model import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID
+from wdserve.pieces import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +85,14 @@ class Vocab:
     - split, ``Vocab.split(tokens, source_model, target_model)``: an imported teacher's (Marian's
       ``vocab.json`` with ``source.spm`` and ``target.spm``), a token list in the model's id order
       plus one SentencePiece model per language. Each model only cuts text into pieces; a piece's id
-      is its position in ``tokens``, and a piece the list lacks is ``<unk>``. A text that starts with
-      a language code such as ``>>fr<<`` keeps the code as one token, as ``MarianTokenizer`` does.
+      is its position in ``tokens``, and a piece the list lacks is ``<unk>``.
 
-    Either way ids 0-3 are ``<pad> <unk> <s> </s>``. A checkpoint stores ``to_state()`` (the joint
-    model's bytes, as it always has, or a dict for a split vocabulary) and ``Vocab(state)`` rebuilds it.
+    Either way ids 0-3 are ``<pad> <unk> <s> </s>``, and text is cut into pieces and pieces joined
+    into text by ``wdserve.pieces.Tokenizer`` (``tokenizer``), the rule the readers of an export
+    (server, evaluation, seq-KD) apply too: with two models a leading language code such as
+    ``>>fr<<`` stays one piece, as ``MarianTokenizer`` keeps it. A checkpoint stores ``to_state()``
+    (the joint model's bytes, as it always has, or a dict for a split vocabulary) and ``Vocab(state)``
+    rebuilds it.
     """
 
     def __init__(self, model: Path | bytes | dict) -> None:
@@ -97,14 +101,14 @@ class Vocab:
             return
         model_bytes = model if isinstance(model, bytes) else Path(model).read_bytes()
         self.source_model_bytes = self.target_model_bytes = model_bytes
-        sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        self.tokenizer = Tokenizer(model_bytes)
+        sp = self.tokenizer.source_sp
         for token_id, piece in enumerate(SPECIAL_TOKENS):
             if sp.id_to_piece(token_id) != piece:
                 raise ValueError(
                     f"SentencePiece model maps id {token_id} to {sp.id_to_piece(token_id)!r}, "
                     f"expected {piece!r}; train it with distill.vocab.train_sentencepiece"
                 )
-        self.source_sp = self.target_sp = sp
         self._tokens = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
         self._ids: dict[str, int] | None = None  # the joint model's own ids are the model's
 
@@ -127,13 +131,20 @@ class Vocab:
             repeated = sorted({token for token in tokens if tokens.count(token) > 1})
             raise ValueError(f"a vocabulary lists these tokens more than once: {repeated[:5]}")
         self.source_model_bytes, self.target_model_bytes = state["source_spm"], state["target_spm"]
-        self.source_sp = spm.SentencePieceProcessor(model_proto=self.source_model_bytes)
-        self.target_sp = spm.SentencePieceProcessor(model_proto=self.target_model_bytes)
+        self.tokenizer = Tokenizer(self.source_model_bytes, self.target_model_bytes)
         self._tokens, self._ids = tokens, ids
 
     @property
     def is_joint(self) -> bool:
         return self._ids is None
+
+    @property
+    def source_sp(self) -> spm.SentencePieceProcessor:
+        return self.tokenizer.source_sp
+
+    @property
+    def target_sp(self) -> spm.SentencePieceProcessor:
+        return self.tokenizer.target_sp
 
     def to_state(self) -> bytes | dict:
         """What a checkpoint stores: the joint model's bytes, or the split vocabulary's parts."""
@@ -177,30 +188,26 @@ class Vocab:
 
     def encode_source_pieces(self, text: str) -> list[str]:
         """Pieces of a source sentence, without special tokens."""
-        return self._pieces(self.source_sp, text)
+        return self.tokenizer.source_pieces(text)
 
     def encode_target_pieces(self, text: str) -> list[str]:
         """Pieces of a target sentence, without special tokens."""
-        return self._pieces(self.target_sp, text)
+        return self.tokenizer.target_pieces(text)
 
     def encode_source(self, text: str) -> list[int]:
         """Ids of a source sentence, without special tokens (callers append ``</s>``)."""
-        return self._ids_of(self.source_sp, text)
+        if self.is_joint:
+            return self.source_sp.encode(text, out_type=int)
+        return self._ids_of(self.encode_source_pieces(text))
 
     def encode_target(self, text: str) -> list[int]:
         """Ids of a target sentence, without special tokens."""
-        return self._ids_of(self.target_sp, text)
-
-    def _pieces(self, sp: spm.SentencePieceProcessor, text: str) -> list[str]:
         if self.is_joint:
-            return sp.encode(text, out_type=str)
-        code, text = _split_language_code(text)
-        return code + sp.encode(text, out_type=str)
+            return self.target_sp.encode(text, out_type=int)
+        return self._ids_of(self.encode_target_pieces(text))
 
-    def _ids_of(self, sp: spm.SentencePieceProcessor, text: str) -> list[int]:
-        if self.is_joint:
-            return sp.encode(text, out_type=int)
-        return [self._ids.get(piece, UNK_ID) for piece in self._pieces(sp, text)]
+    def _ids_of(self, pieces: list[str]) -> list[int]:
+        return [self._ids.get(piece, UNK_ID) for piece in pieces]
 
     def encode(self, text: str) -> list[int]:
         """Ids of ``text`` in a joint vocabulary (either side), without special tokens."""
@@ -216,13 +223,4 @@ class Vocab:
         kept = [i for i in ids if i not in (PAD_ID, BOS_ID, EOS_ID)]
         if self.is_joint:
             return self.target_sp.decode(kept)
-        # As MarianTokenizer: a piece the target model lacks is kept verbatim, "\u2581" included.
-        text = self.target_sp.decode_pieces([self._tokens[i] for i in kept])
-        return text.replace("\u2581", " ").strip()
-
-
-def _split_language_code(text: str) -> tuple[list[str], str]:
-    """``([">>fr<<"], rest)`` for a text that starts with a language code, ``([], text)`` otherwise."""
-    if text.startswith(">>") and (end := text.find("<<")) != -1:
-        return [text[: end + 2]], text[end + 2 :]
-    return [], text
+        return self.tokenizer.decode([self._tokens[i] for i in kept])

@@ -38,13 +38,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class DirectTranslator:
-    """CTranslate2 + SentencePiece, called the way the server calls them, minus HTTP."""
+    """CTranslate2 + the export's SentencePiece model(s), called the way the server calls them, minus HTTP."""
 
     def __init__(self, export: ExportDir, threads: int = 0) -> None:
         import ctranslate2
-        import sentencepiece
 
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(export.vocab))
+        from wdserve.pieces import Tokenizer
+
+        self.tokenizer = Tokenizer.for_export(export)
         self.translator = ctranslate2.Translator(str(export.path), device="cpu", intra_threads=threads)
         self.max_positions = export.max_positions
 
@@ -53,13 +54,14 @@ class DirectTranslator:
         """Batches of ``batch_size`` sentences, each held to the server's per-sentence output limit: of
         similar length, as CTranslate2's own ``max_batch_size`` would make them, or in the given order,
         as requests arrive at the server (``sort_by_length=False``)."""
-        pieces = [self.sp.encode(sentence, out_type=str) for sentence in sentences]
+        pieces = [self.tokenizer.source_pieces(sentence) for sentence in sentences]
         outputs: list[str] = [""] * len(pieces)
         batches = translate_corpus(self.translator, pieces, beam_size, batch_size, max_length,
-                                   max_positions=self.max_positions, sort_by_length=sort_by_length)
+                                   max_positions=self.max_positions, sort_by_length=sort_by_length,
+                                   source_end=self.tokenizer.source_end)
         for indices, hypotheses in batches:
             for i, hypothesis in zip(indices, hypotheses, strict=True):
-                outputs[i] = self.sp.decode(hypothesis)
+                outputs[i] = self.tokenizer.decode(hypothesis)
         return outputs
 
 

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import ctranslate2
-import sentencepiece as spm
 
 from wdserve.artifacts import ArtifactError, ExportDir, ExportInfo, OutputLimit, RunDir, translate_bounded
 from wdserve.errors import WdserveError
+from wdserve.pieces import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class ServedModel:
     name: str
     path: Path
     translator: Any  # ctranslate2.Translator
-    tokenizer: spm.SentencePieceProcessor
+    tokenizer: Tokenizer  # the export's SentencePiece model(s), cutting as training did
     info: ExportInfo | None = None
     output_limit: OutputLimit = field(default_factory=OutputLimit)
 
@@ -67,17 +67,18 @@ class ServedModel:
         return source_ok and target_ok
 
     def encode(self, text: str) -> list[str]:
-        """Source pieces; the model itself appends </s> (add_source_eos)."""
-        return self.tokenizer.encode(text, out_type=str)
+        """Source pieces; the model appends </s> (add_source_eos), or else ``translate_pieces`` does."""
+        return self.tokenizer.source_pieces(text)
 
     def translate_pieces(self, batch: list[list[str]], beam_size: int, max_length: int) -> list[list[str]]:
         """Blocking CTranslate2 call; run it off the event loop. Outputs obey ``output_limit``."""
-        return translate_bounded(self.translator, batch, beam_size, max_length, self.output_limit)
+        return translate_bounded(self.translator, batch, beam_size, max_length, self.output_limit,
+                                 self.tokenizer.source_end)
 
     def translate_texts(self, batch: list[list[str]], beam_size: int,
                         max_length: int) -> list[tuple[str, int]]:
         """Blocking: source pieces -> (detokenized output, output token count) per sentence."""
-        return [(self.tokenizer.decode_pieces(pieces), len(pieces))
+        return [(self.tokenizer.decode(pieces), len(pieces))
                 for pieces in self.translate_pieces(batch, beam_size, max_length)]
 
     def describe(self) -> dict[str, Any]:
@@ -108,11 +109,10 @@ def load_model(name: str, path: Path, device: str = "cpu", compute_type: str = "
     except ArtifactError as err:
         raise ModelLoadError(f"model {name!r}: {err}") from err
     path, info = export.path, export.info
-    tokenizer = spm.SentencePieceProcessor()
     try:
-        tokenizer.Load(str(export.vocab))
-    except (OSError, RuntimeError) as err:
-        raise ModelLoadError(f"model {name!r}: cannot load {export.vocab}: {err}") from err
+        tokenizer = Tokenizer.for_export(export)
+    except (ArtifactError, OSError, RuntimeError) as err:
+        raise ModelLoadError(f"model {name!r}: cannot load its SentencePiece model: {err}") from err
     try:
         # inter_threads=1: the server runs at most one batch per model at a time and
         # bounds concurrency across models with its own worker pool (see settings.thread_plan).

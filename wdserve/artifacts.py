@@ -3,7 +3,9 @@
 - ``RunDir``: the layout of a pipeline run directory (``wdserve pipeline --workdir DIR``),
   which the pipeline writes and ``wdserve serve --workdir`` and ``wdserve bench`` read.
 - ``ExportInfo`` and ``ExportDir``: a CTranslate2 model directory as ``wdserve export``
-  writes it (the CTranslate2 files, ``sentencepiece.model`` and ``model.json``).
+  writes it (the CTranslate2 files, the SentencePiece model(s) and ``model.json``, which names
+  them: ``sentencepiece.model`` for a joint vocabulary, ``source.spm`` and ``target.spm`` for an
+  imported Marian teacher's and its students').
 - ``OutputLimit`` and ``translate_bounded``: how long an output may get. Every path that
   decodes (PyTorch search, sequence-level KD, evaluation, the server, the bench's direct
   baseline) holds sentence i to ``ratio x (source pieces + </s>) + margin`` tokens, so the
@@ -24,8 +26,10 @@ from wdserve.errors import WdserveError
 
 CHECKPOINT = "checkpoint_best.pt"
 CT2_MODEL = "model.bin"
+CT2_CONFIG = "config.json"  # CTranslate2's own: special tokens, add_source_eos, ...
 EXPORT_INFO = "model.json"
-EXPORT_VOCAB = "sentencepiece.model"
+EXPORT_VOCAB = "sentencepiece.model"  # a joint vocabulary: one SentencePiece model for both languages
+EXPORT_SOURCE_VOCAB, EXPORT_TARGET_VOCAB = "source.spm", "target.spm"  # one per language (Marian's names)
 TEACHER = "teacher"
 SPLITS = ("train", "valid", "test")
 QUANTIZATIONS = ("int8", "int8_float16", "float16", "bfloat16", "float32")  # what `wdserve export` writes
@@ -116,6 +120,10 @@ class ExportInfo:
     checkpoint_sha256: str | None = None
     teacher_sha256: str | None = None
     exported_at: str | None = None
+    # The SentencePiece files that cut source text and join output pieces; one file named twice is a
+    # joint vocabulary. The defaults are what every export had before split vocabularies existed.
+    source_vocab: str = EXPORT_VOCAB
+    target_vocab: str = EXPORT_VOCAB
 
     @property
     def max_positions(self) -> int | None:
@@ -135,8 +143,10 @@ class ExportInfo:
 
 @dataclass(frozen=True)
 class ExportDir:
-    """A CTranslate2 model directory with its SentencePiece model, and its description when it has one
-    (``wdserve serve --model NAME=PATH`` also takes directories written by other tools)."""
+    """A CTranslate2 model directory with its SentencePiece model(s), and its description when it has one
+    (``wdserve serve --model NAME=PATH`` also takes directories written by other tools: without
+    ``model.json`` the vocabulary is ``sentencepiece.model``, or else ``source.spm`` and ``target.spm``,
+    the files an OPUS-MT model ships and ``ct2-transformers-converter --copy_files`` copies)."""
 
     path: Path
     info: ExportInfo | None
@@ -146,30 +156,71 @@ class ExportDir:
         path = Path(path)
         if not path.is_dir():
             raise ArtifactError(f"{path} does not exist or is not a directory")
-        for required in (CT2_MODEL, EXPORT_VOCAB):
-            if not (path / required).is_file():
-                raise ArtifactError(f"{path} is not an exported model: {required} is missing "
-                                    "(create one with `wdserve export`)")
+        if not (path / CT2_MODEL).is_file():
+            raise ArtifactError(f"{path} is not an exported model: {CT2_MODEL} is missing "
+                                "(create one with `wdserve export`)")
         info_path = path / EXPORT_INFO
         if not info_path.is_file():
             if require_info:
                 raise ArtifactError(f"{path}: {EXPORT_INFO} is missing (create it with `wdserve export`)")
-            return cls(path, None)
-        try:
-            values = json.loads(info_path.read_text(encoding="utf-8"))
-            if not isinstance(values, dict):
-                raise TypeError("not a JSON object")
-            return cls(path, ExportInfo.from_dict(values))
-        except (OSError, UnicodeDecodeError, ValueError, TypeError) as err:
-            raise ArtifactError(f"{info_path}: not a wdserve export description ({err})") from err
+            export = cls(path, None)
+        else:
+            try:
+                values = json.loads(info_path.read_text(encoding="utf-8"))
+                if not isinstance(values, dict):
+                    raise TypeError("not a JSON object")
+                export = cls(path, ExportInfo.from_dict(values))
+            except (OSError, UnicodeDecodeError, ValueError, TypeError) as err:
+                raise ArtifactError(f"{info_path}: not a wdserve export description ({err})") from err
+        export._check_vocab_files()
+        return export
+
+    def _vocab_files(self) -> tuple[str, str]:
+        """(source, target) SentencePiece file names: ``model.json``'s, or the ones present."""
+        if self.info is not None:
+            return self.info.source_vocab, self.info.target_vocab
+        if not (self.path / EXPORT_VOCAB).is_file() and all(
+                (self.path / name).is_file() for name in (EXPORT_SOURCE_VOCAB, EXPORT_TARGET_VOCAB)):
+            return EXPORT_SOURCE_VOCAB, EXPORT_TARGET_VOCAB
+        return EXPORT_VOCAB, EXPORT_VOCAB
+
+    def _check_vocab_files(self) -> None:
+        what = (f"the SentencePiece model {EXPORT_INFO} names" if self.info is not None else
+                f"the SentencePiece model, or {EXPORT_SOURCE_VOCAB} and {EXPORT_TARGET_VOCAB} for one per "
+                "language")
+        for name in dict.fromkeys(self._vocab_files()):
+            if not isinstance(name, str) or not name or Path(name).name != name:
+                raise ArtifactError(f"{self.path / EXPORT_INFO}: vocabulary file {name!r} is not a file "
+                                    "name inside the model directory")
+            if not (self.path / name).is_file():
+                raise ArtifactError(f"{self.path} is not an exported model: {name} is missing ({what}; "
+                                    "create one with `wdserve export`)")
 
     @staticmethod
     def write_info(path: Path, info: ExportInfo) -> None:
         (Path(path) / EXPORT_INFO).write_text(info.to_json(), encoding="utf-8")
 
     @property
-    def vocab(self) -> Path:
-        return self.path / EXPORT_VOCAB
+    def source_vocab(self) -> Path:
+        """The SentencePiece model that cuts source text into pieces."""
+        return self.path / self._vocab_files()[0]
+
+    @property
+    def target_vocab(self) -> Path:
+        """The SentencePiece model that joins output pieces into text (the source one when joint)."""
+        return self.path / self._vocab_files()[1]
+
+    @property
+    def ct2_config(self) -> dict[str, Any]:
+        """CTranslate2's ``config.json`` of the model (empty when there is none)."""
+        path = self.path / CT2_CONFIG
+        if not path.is_file():
+            return {}
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise ArtifactError(f"{path}: not a CTranslate2 model configuration ({err})") from err
+        return values if isinstance(values, dict) else {}
 
     @property
     def dir_name(self) -> str:
@@ -204,17 +255,22 @@ DEFAULT_OUTPUT_LIMIT = OutputLimit()  # what `wdserve serve` applies unless told
 
 
 def translate_bounded(translator: Any, batch: list[list[str]], beam_size: int, max_length: int,
-                      limit: OutputLimit = DEFAULT_OUTPUT_LIMIT) -> list[list[str]]:
+                      limit: OutputLimit = DEFAULT_OUTPUT_LIMIT,
+                      source_end: Sequence[str] = ()) -> list[list[str]]:
     """``ctranslate2.Translator.translate_batch`` with every sentence held to its own ``limit``.
 
     CTranslate2's ``max_decoding_length`` applies to a whole call, so the batch runs
     once under its longest sentence's limit, and the few outputs that went past their
     own limit (repetition loops, in practice) are translated again under it.
+    ``source_end`` goes after every source's pieces when the model does not append ``</s>``
+    itself (``wdserve.pieces.Tokenizer.source_end``); the limit counts ``</s>`` either way.
     """
     if not batch:
         return []
     limits = [limit.tokens(len(pieces), max_length) for pieces in batch]
     longest = max(limits)
+    if source_end:
+        batch = [[*pieces, *source_end] for pieces in batch]
     outputs = [result.hypotheses[0] for result in translator.translate_batch(
         batch, beam_size=beam_size, max_decoding_length=longest, num_hypotheses=1)]
     again: dict[int, list[int]] = {}
@@ -231,11 +287,12 @@ def translate_bounded(translator: Any, batch: list[list[str]], beam_size: int, m
 
 def translate_corpus(translator: Any, sources: Sequence[list[str]], beam_size: int, batch_size: int,
                      max_length: int = DEFAULT_MAX_LENGTH, limit: OutputLimit = DEFAULT_OUTPUT_LIMIT,
-                     max_positions: int | None = None,
-                     sort_by_length: bool = True) -> Iterator[tuple[list[int], list[list[str]]]]:
+                     max_positions: int | None = None, sort_by_length: bool = True,
+                     source_end: Sequence[str] = ()) -> Iterator[tuple[list[int], list[list[str]]]]:
     """Pieces in, pieces out, ``batch_size`` sentences at a time, decoded as the server decodes a
     request: each sentence held to ``limit``, the call to ``max_length`` and both to the model's
-    ``max_positions`` (longer sources are cut to fit, where the server refuses them).
+    ``max_positions`` (longer sources are cut to fit, where the server refuses them), with
+    ``source_end`` as in ``translate_bounded``.
 
     Yields ``(indices, outputs)`` per batch so callers can report progress; batches hold sentences
     of similar length unless ``sort_by_length`` is False (then they come in the given order).
@@ -248,4 +305,4 @@ def translate_corpus(translator: Any, sources: Sequence[list[str]], beam_size: i
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
         yield indices, translate_bounded(translator, [sources[i] for i in indices], beam_size, max_length,
-                                         limit)
+                                         limit, source_end)

@@ -25,6 +25,7 @@ from wdserve.distill.evaluate import evaluate_ctranslate2
 from wdserve.distill.model import ModelConfig, Transformer
 from wdserve.distill.vocab import Vocab
 from wdserve.export.convert import convert_checkpoint
+from wdserve.pieces import Tokenizer
 from wdserve.server.models import load_model as load_served
 from wdserve.server.settings import ServeSettings
 
@@ -70,6 +71,19 @@ def test_export_description_round_trips_and_tolerates_newer_keys(tiny_workdir: P
     (copy / "sentencepiece.model").unlink()
     with pytest.raises(ArtifactError, match="not an exported model: sentencepiece.model is missing"):
         ExportDir.read(copy, require_info=False)
+
+
+def test_an_export_described_before_split_vocabularies_has_one_joint_model(tiny_workdir: Path,
+                                                                           tmp_path: Path):
+    copy = tmp_path / "teacher-int8"
+    shutil.copytree(tiny_workdir / "export" / "teacher-int8", copy)
+    values = json.loads((copy / EXPORT_INFO).read_text())
+    assert values.pop("source_vocab") == values.pop("target_vocab") == "sentencepiece.model"
+    (copy / EXPORT_INFO).write_text(json.dumps(values))
+    export = ExportDir.read(copy)
+    assert export.source_vocab == export.target_vocab == copy / "sentencepiece.model"
+    tokenizer = Tokenizer.for_export(export)
+    assert tokenizer.is_joint and tokenizer.source_end == ()
 
 
 def test_output_limit_counts_the_sources_end_of_sentence():

@@ -9,8 +9,10 @@ module; nothing is guessed.
 The mapping, by module:
 
 - ``Embedding.tokens`` -> ``embeddings.weight`` (CTranslate2 multiplies by
-  sqrt(width) itself, ``scale_embeddings``), ``Embedding.positions`` ->
-  ``position_encodings.encodings`` written verbatim;
+  sqrt(width) itself when the stack's ``scale_embeddings`` is set, which follows
+  ``config.scale_embeddings``), ``Embedding.positions`` ->
+  ``position_encodings.encodings`` written verbatim (so either of
+  ``distill.model``'s position formulas needs nothing here);
 - self-attention ``q/k/v_proj`` -> ``linear[0]`` (fused along the output
   dimension, q then k then v), ``out_proj`` -> ``linear[1]``;
 - cross-attention ``q_proj`` -> ``linear[0]``, ``k/v_proj`` -> ``linear[1]``
@@ -20,8 +22,16 @@ The mapping, by module:
   CTranslate2 applies it before the sublayer (pre-norm) or after the residual
   (post-norm), exactly as ``Sublayer`` does;
 - ``final_norm`` -> the stack's ``layer_norm`` (pre-norm only);
-- ``output_proj`` -> ``decoder.projection`` (no bias; a tied table is stored
-  once because CTranslate2 aliases identical variables).
+- ``output_proj`` -> ``decoder.projection``, with its bias when the model has
+  one (``output_bias``, an imported Marian teacher's, whose ``<pad>`` and ``<s>``
+  entries keep the suppression they have in PyTorch); a tied table is stored
+  once because CTranslate2 aliases identical variables;
+- ``config.activation`` -> the stacks' activation (``silu`` is CTranslate2's
+  ``SWISH``, x * sigmoid(x)).
+
+The vocabulary's SentencePiece models go beside the model: ``sentencepiece.model``
+for wdserve's joint vocabulary, ``source.spm`` and ``target.spm`` for a split one
+(an imported Marian teacher's and its students'); ``model.json`` names them.
 
 Arrays handed to the spec are always fresh copies: int8 quantization scales
 them in place, and a spec built from views would corrupt the live model.
@@ -41,7 +51,14 @@ import torch
 from ctranslate2.converters import Converter
 from ctranslate2.specs import common_spec, transformer_spec
 
-from wdserve.artifacts import EXPORT_VOCAB, QUANTIZATIONS, ExportDir, ExportInfo
+from wdserve.artifacts import (
+    EXPORT_SOURCE_VOCAB,
+    EXPORT_TARGET_VOCAB,
+    EXPORT_VOCAB,
+    QUANTIZATIONS,
+    ExportDir,
+    ExportInfo,
+)
 from wdserve.distill.checkpoint import file_sha256, read_checkpoint
 from wdserve.distill.model import (
     SPECIAL_TOKENS,
@@ -57,7 +74,11 @@ from wdserve.errors import WdserveError
 
 log = logging.getLogger(__name__)
 
-ACTIVATIONS = {"relu": common_spec.Activation.RELU, "gelu": common_spec.Activation.GELU}  # GELU = erf form
+ACTIVATIONS = {  # distill.model's names; GELU is the erf form, SWISH is x * sigmoid(x) (torch's silu)
+    "relu": common_spec.Activation.RELU,
+    "gelu": common_spec.Activation.GELU,
+    "silu": common_spec.Activation.SWISH,
+}
 
 
 class ExportError(WdserveError, ValueError):
@@ -85,10 +106,10 @@ def load_exportable(checkpoint: Path) -> tuple[Transformer, Vocab, dict]:
     try:
         vocab = Vocab(state["vocab"])
     except (RuntimeError, ValueError, TypeError) as err:
-        raise ExportError(f"{checkpoint}: embedded SentencePiece model is unusable: {err}") from err
+        raise ExportError(f"{checkpoint}: embedded vocabulary is unusable: {err}") from err
     if len(vocab) != config.vocab_size:
         raise ExportError(
-            f"{checkpoint}: SentencePiece model has {len(vocab)} pieces but config.vocab_size is "
+            f"{checkpoint}: the vocabulary has {len(vocab)} pieces but config.vocab_size is "
             f"{config.vocab_size}; the CTranslate2 vocabulary must match the embedding table"
         )
     model = Transformer(config)
@@ -208,6 +229,8 @@ def build_spec(config: ModelConfig) -> transformer_spec.TransformerSpec:
     decoder = transformer_spec.TransformerDecoderSpec(
         config.dec_layers, config.dec_heads, pre_norm=config.pre_norm, activation=activation
     )
+    for stack in (encoder, decoder):
+        stack.scale_embeddings = config.scale_embeddings  # token rows times sqrt(width), or as they are
     return transformer_spec.TransformerSpec(encoder, decoder)
 
 
@@ -249,7 +272,8 @@ def convert_checkpoint(
 ) -> Path:
     """Writes a self-contained CTranslate2 directory for ``checkpoint`` and returns its path.
 
-    ``out_dir`` receives the CTranslate2 model, ``sentencepiece.model`` and ``model.json``.
+    ``out_dir`` receives the CTranslate2 model, the SentencePiece model(s) (``write_vocab``) and
+    ``model.json``.
     An existing non-empty ``out_dir`` is refused unless ``force``. The directory is built
     beside ``out_dir`` and renamed into place, so a failure never leaves half a model.
     """
@@ -283,6 +307,19 @@ def export_all(
         outputs[quantization] = _write_model_dir(model, vocab, state, sha, checkpoint, out, quantization,
                                                  name, force)
     return outputs
+
+
+def write_vocab(out_dir: Path, vocab: Vocab) -> tuple[str, str]:
+    """Writes the SentencePiece model(s) of ``vocab`` into ``out_dir``; returns the (source, target)
+    file names for ``model.json``: one joint ``sentencepiece.model``, or ``source.spm`` and ``target.spm``.
+    The model ids of a split vocabulary are the CTranslate2 vocabulary's (the token list), so its
+    SentencePiece models only cut and join pieces."""
+    if vocab.is_joint:
+        (out_dir / EXPORT_VOCAB).write_bytes(vocab.source_model_bytes)
+        return EXPORT_VOCAB, EXPORT_VOCAB
+    (out_dir / EXPORT_SOURCE_VOCAB).write_bytes(vocab.source_model_bytes)
+    (out_dir / EXPORT_TARGET_VOCAB).write_bytes(vocab.target_model_bytes)
+    return EXPORT_SOURCE_VOCAB, EXPORT_TARGET_VOCAB
 
 
 def _check_quantization(quantization: str) -> None:
@@ -319,7 +356,7 @@ def _write_model_dir(
             TransformerConverter(model, vocab).convert(str(tmp), quantization=quantization, force=True)
         except (ValueError, NotImplementedError) as err:
             raise ExportError(f"{checkpoint}: CTranslate2 rejected the converted model: {err}") from err
-        (tmp / EXPORT_VOCAB).write_bytes(vocab.model_bytes)
+        source_vocab, target_vocab = write_vocab(tmp, vocab)
         ExportDir.write_info(tmp, ExportInfo(
             name=name or _default_name(state, checkpoint),
             quantization=quantization,
@@ -332,6 +369,8 @@ def _write_model_dir(
             checkpoint_sha256=sha256,
             teacher_sha256=meta.get("teacher_sha256"),
             exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            source_vocab=source_vocab,
+            target_vocab=target_vocab,
         ))
         if out_dir.exists():
             shutil.rmtree(out_dir)

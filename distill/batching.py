@@ -43,7 +43,7 @@ def pad_ids(rows: list[list[int]], device: str | torch.device = "cpu") -> torch.
 
 def encode_pairs(vocab: Vocab, pairs: Iterable[tuple[str, str]]) -> list[Example]:
     """(source pieces + EOS, target pieces) per pair, the input ``make_batches`` expects."""
-    return [(vocab.encode(src) + [EOS_ID], vocab.encode(tgt)) for src, tgt in pairs]
+    return [(vocab.encode_source(src) + [EOS_ID], vocab.encode_target(tgt)) for src, tgt in pairs]
 
 
 def _cost(example: Example) -> int:

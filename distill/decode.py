@@ -192,7 +192,7 @@ def encode_sources(vocab: Vocab, sentences: list[str], max_positions: int) -> li
     """Source ids ``pieces + [</s>]``, cut to the model's ``max_positions`` (with a warning)."""
     encoded = []
     for sentence in sentences:
-        ids = vocab.encode(sentence) + [EOS_ID]
+        ids = vocab.encode_source(sentence) + [EOS_ID]
         if len(ids) > max_positions:
             log.warning("source of %d tokens cut to max_positions=%d: %.60s...", len(ids), max_positions,
                         sentence)

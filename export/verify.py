@@ -65,7 +65,7 @@ def verify_export(
     sha = file_sha256(checkpoint)
     max_positions = model.config.max_positions
     # The source gets </s> appended, and scoring feeds <s> + hypothesis: both must fit the position table.
-    sources = [vocab.encode_pieces(text)[: max_positions - 1] for text in sentences]
+    sources = [vocab.encode_source_pieces(text)[: max_positions - 1] for text in sentences]
     max_length = max(1, min(max_decoding_length, max_positions - 1))
     try:
         supported = set(ctranslate2.get_supported_compute_types(device))
@@ -128,7 +128,7 @@ def verify_export(
 
 
 def _ids(vocab: Vocab, pieces: list[str]) -> list[int]:
-    return [vocab.sp.piece_to_id(piece) for piece in pieces]
+    return [vocab.piece_to_id(piece) for piece in pieces]
 
 
 @torch.no_grad()

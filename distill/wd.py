@@ -37,6 +37,20 @@ student output projection is generated the same way from the teacher's output pr
 (the teacher's decoder table when the teacher ties them). Tied and shared tables are generated once:
 the generator follows the student's ``share_embeddings`` / ``tie_output``.
 
+The output bias (``output_bias``: an imported Marian teacher's ``final_logits_bias``) is copied from
+the teacher, not generated, in every mode (``is_copied``). It is indexed by tokens alone, so there is
+no width for ``P`` to map and the formula would reduce to ``A * tanh(b_t) + B``: with ``A = 1, B = 0``
+every entry would be squashed into (-1, 1), and the teacher's ``SUPPRESSED_LOGIT`` (-1e4) on ``<pad>``
+and ``<s>`` (``distill.marian``) would become -1, among ordinary logits: on the tests' tiny imported
+teacher a folded stu1 then puts 0.4-0.8% of every step's probability on them (3 seeds; the teacher
+and the copying student exactly 0), and nothing but phase 1 learning ``A`` and ``B`` up to 1e4 would
+take it back. (The squeezing modes would also hold a V x V identity map for it.) There is nothing to
+compress in it either: teacher and student share the vocabulary. Copying rather than re-applying the
+suppressed entries after ``fold()``: phase 1's forward pass and the live student it evaluates already
+have the teacher's bias, so phase 1 never trains or selects a student that gives ``<pad>`` any
+probability. The copy is frozen in phase 1 (only the generator trains) and fine-tuned in phase 2 with
+every other folded weight.
+
 Training. Phase 1 trains only the generator (``P``, ``Lambda``, ``w``, ``A``, ``B``) through the
 student's forward pass: ``torch.func.functional_call`` runs a student ``Transformer`` skeleton with the
 generated tensors. Teacher tensors are non-persistent buffers (never trained, never saved in resume
@@ -78,6 +92,11 @@ def layer_groups(teacher_layers: int, student_layers: int, side: str) -> list[li
 def is_table(name: str) -> bool:
     """Vocabulary-sized tensors: rows are tokens and are never mixed, only their width is mapped."""
     return name.endswith("embedding.tokens.weight") or name == "decoder.output_proj.weight"
+
+
+def is_copied(name: str) -> bool:
+    """Student tensors taken from the teacher as they are, not generated: the output bias (module doc)."""
+    return name == "decoder.output_proj.bias"
 
 
 def width_space(name: str, axis: int) -> str:
@@ -206,20 +225,28 @@ class WeightGenerator(nn.Module):
             )
         if student_cfg.pre_norm != tcfg.pre_norm:
             raise ValueError("student and teacher must agree on pre_norm (their LayerNorms map one to one)")
+        if student_cfg.output_bias != tcfg.output_bias:
+            raise ValueError("student and teacher must agree on output_bias (a student copies the teacher's "
+                             "output bias, which an imported teacher needs to never emit <pad> and <s>)")
         self.mode = mode
         self.student_config = student_cfg
         groups = {
             "encoder": layer_groups(tcfg.enc_layers, student_cfg.enc_layers, "encoder"),
             "decoder": layer_groups(tcfg.dec_layers, student_cfg.dec_layers, "decoder"),
         }
-        # The skeleton supplies modules, buffers and train/eval mode; its own parameters are never used.
+        # The skeleton supplies modules, buffers and train/eval mode, and holds the copied tensors; its
+        # other parameters are never used.
         self.student = Transformer(student_cfg)
         self.student.requires_grad_(False)
         teacher_params = dict(teacher.named_parameters(remove_duplicate=False))
-        self.names: list[str] = []
+        self.names: list[str] = []  # the generated tensors
         self.generators = nn.ModuleDict()
         self.spaces = nn.ParameterDict()  # wd: one P per width space, shared by every tensor on it
         for name, param in self.student.named_parameters():  # distinct tensors: ties appear once
+            if is_copied(name):
+                with torch.no_grad():
+                    param.copy_(teacher_params[name])  # functional_call reads it from the skeleton
+                continue
             sources = teacher_sources(name, groups)
             if mode != "wd":
                 sources = [sources[ws_layer]]
@@ -257,7 +284,7 @@ class WeightGenerator(nn.Module):
         return shared
 
     def generate(self) -> dict[str, torch.Tensor]:
-        """Every distinct student tensor, keyed by its ``Transformer`` parameter name."""
+        """Every generated student tensor (all but the copied ones), keyed by its ``Transformer`` name."""
         return {name: self.generators[name.replace(".", "__")]() for name in self.names}
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
@@ -278,13 +305,14 @@ class WeightGenerator(nn.Module):
             return
         weights = self.generate()
         for name, param in self.student.named_parameters():
-            param.copy_(weights[name])
+            if name in weights:
+                param.copy_(weights[name])
         self._synced_versions = versions
 
     @torch.no_grad()
     def fold(self) -> Transformer:
         """Evaluates the generator once into an ordinary student (same device, training mode)."""
-        weights = self.generate()
+        weights = {**dict(self.student.named_parameters()), **self.generate()}  # copied, then generated
         device = next(iter(weights.values())).device
         model = Transformer(self.student_config).to(device)
         for name, param in model.named_parameters():  # same construction order as the skeleton

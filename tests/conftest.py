@@ -7,12 +7,16 @@ instead of repeating ``<s>``, as an untouched random model does, which decodes
 to empty strings), and their CTranslate2 exports. Their translations are garbage,
 but non-empty, valid garbage: every stage after training (export, serving, load
 testing) can run on it.
+
+``tiny_marian`` and ``tiny_opus_marian`` are tiny pretrained teachers in Hugging Face's
+Marian format (``build_tiny_marian``), the kind ``distill.marian`` imports.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -130,3 +134,132 @@ def multi30k_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"Multi30k not found at {path} (set WDSERVE_MULTI30K)")
     return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# A tiny pretrained Marian teacher (Hugging Face format), for distill.marian and everything downstream
+
+TINY_MARIAN_LANGUAGE_CODE = ">>yy<<"  # a target-language token, as multilingual OPUS-MT models have
+
+
+class TinyMarian(NamedTuple):
+    root: Path  # the saved MarianMTModel and MarianTokenizer files (config.json, source.spm, vocab.json, ...)
+    model: Any  # transformers.MarianMTModel, in eval mode
+    tokenizer: Any  # transformers.MarianTokenizer
+    pairs: list[tuple[str, str]]  # synthetic sentence pairs the SentencePiece models were trained on
+    left_out: str  # a source piece vocab.json lacks, so it encodes to <unk>
+
+
+def _sentencepiece(lines: list[str], size: int) -> bytes:
+    import io
+
+    import sentencepiece as spm
+
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buffer, vocab_size=size,
+                                   model_type="unigram", hard_vocab_limit=False, minloglevel=2, num_threads=1)
+    return buffer.getvalue()
+
+
+def _ordinary_pieces(model: bytes) -> list[str]:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    return [sp.id_to_piece(i) for i in range(sp.get_piece_size())
+            if not (sp.is_control(i) or sp.is_unknown(i))]
+
+
+def build_tiny_marian(root: Path, random_pad_row: bool) -> TinyMarian:
+    """A tiny ``MarianMTModel`` with a ``MarianTokenizer`` built and saved in ``root`` (no downloads).
+
+    Separate source and target SentencePiece models trained on the synthetic language pair, one
+    ``vocab.json`` in its own order that leaves out one source piece (so ``<unk>`` is exercised) and holds
+    a language code. The model is warmed up from random weights, and its final_logits_bias is random too,
+    with ``<pad>`` (where Marian's decoder starts) the argmax unless suppressed. ``random_pad_row`` makes
+    the ``<pad>`` embedding random, so a wrongly mapped start row changes the numbers; real OPUS-MT models
+    keep it zero, which CTranslate2's own converter relies on (its decoder starts from a zero embedding).
+    """
+    import json
+    import random
+
+    transformers = pytest.importorskip("transformers")
+    from wdserve.distill.synthetic import generate_pairs
+
+    torch.set_num_threads(1)
+    pairs = generate_pairs(300, seed=3)
+    source_spm = _sentencepiece([s for s, _ in pairs], 60)
+    target_spm = _sentencepiece([t for _, t in pairs], 60)
+    (root / "source.spm").write_bytes(source_spm)
+    (root / "target.spm").write_bytes(target_spm)
+    target_pieces = _ordinary_pieces(target_spm)
+    # A source piece the vocabulary lacks: MarianTokenizer (and wdserve) must map it to <unk>.
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=source_spm)
+    left_out = next(p for p in sp.encode(pairs[0][0], out_type=str) if p not in target_pieces and len(p) > 1)
+    pieces = [TINY_MARIAN_LANGUAGE_CODE]
+    for piece in _ordinary_pieces(source_spm) + target_pieces:
+        if piece not in pieces and piece != left_out:
+            pieces.append(piece)
+    random.Random(0).shuffle(pieces)  # Marian's order is not the SentencePiece models' order
+    vocab = {"</s>": 0, "<unk>": 1, **{piece: i + 2 for i, piece in enumerate(pieces)}}
+    vocab["<pad>"] = len(vocab)
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    tokenizer = transformers.MarianTokenizer(str(root / "source.spm"), str(root / "target.spm"),
+                                             str(root / "vocab.json"), source_lang="xx", target_lang="yy")
+    pad = vocab["<pad>"]
+    config = transformers.MarianConfig(
+        vocab_size=len(vocab), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=48, max_position_embeddings=128,
+        activation_function="swish", scale_embedding=True, pad_token_id=pad, decoder_start_token_id=pad,
+        eos_token_id=0, dropout=0.1)
+    torch.manual_seed(0)
+    model = transformers.MarianMTModel(config)
+    with torch.no_grad():  # Marian's <pad> row is where its decoder starts
+        if random_pad_row:
+            model.model.shared.weight[pad].normal_(0.0, 0.3)
+    _warm_up_marian(model, tokenizer, pairs, steps=60, zero_pad_row=not random_pad_row)
+    with torch.no_grad():
+        model.final_logits_bias.normal_(0.0, 0.3)
+        model.final_logits_bias[0, pad] = 5.0  # Marian's <pad>: the argmax unless suppressed
+    model.generation_config.forced_eos_token_id = None  # wdserve returns a hypothesis at the limit as is
+    model.save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return TinyMarian(root, model, tokenizer, pairs, left_out)
+
+
+def _warm_up_marian(model, tokenizer, pairs: list[tuple[str, str]], steps: int, zero_pad_row: bool) -> None:
+    """A few dozen cross-entropy steps: an untrained model repeats one token and never emits </s>, which
+    would leave the search comparisons little to compare. They also make every norm and bias distinct.
+    ``zero_pad_row`` keeps the <pad> row zero, as Marian trains it (the tied output projection moves it)."""
+    pad_row = model.model.shared.weight[tokenizer.pad_token_id]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for step in range(steps):
+        chunk = pairs[(step * 32) % 256 :][:32]
+        batch = tokenizer([s for s, _ in chunk], text_target=[t for _, t in chunk], padding=True,
+                          return_tensors="pt")
+        batch["labels"] = batch["labels"].masked_fill(batch["labels"] == tokenizer.pad_token_id, -100)
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+        if zero_pad_row:
+            with torch.no_grad():
+                pad_row.zero_()
+    model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_marian(tmp_path_factory: pytest.TempPathFactory) -> TinyMarian:
+    """A tiny Marian model whose <pad> row is random (``build_tiny_marian``). Treat it as read-only."""
+    if torch is None:
+        pytest.skip("tiny_marian needs PyTorch")
+    return build_tiny_marian(tmp_path_factory.mktemp("marian"), random_pad_row=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_opus_marian(tmp_path_factory: pytest.TempPathFactory) -> TinyMarian:
+    """A tiny Marian model shaped like a real OPUS-MT one: its <pad> row is zero. Treat it as read-only."""
+    if torch is None:
+        pytest.skip("tiny_opus_marian needs PyTorch")
+    return build_tiny_marian(tmp_path_factory.mktemp("opus_marian"), random_pad_row=False)

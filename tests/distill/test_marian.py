@@ -1,28 +1,27 @@
 """A pretrained Marian teacher imported through ``distill.marian`` computes what transformers computes.
 
-The teacher is a tiny ``MarianMTModel`` with a ``MarianTokenizer`` built here (no downloads):
-separate source and target SentencePiece models trained on the synthetic language pair, one
-``vocab.json`` in its own order that leaves out one source piece (so ``<unk>`` is exercised) and holds
-a language code. The model is warmed up from random weights, and its final_logits_bias and ``<pad>``
-row (where its decoder starts) are random too, so a permuted row, a swapped norm or a dropped bias
-changes the numbers.
+The teacher is ``tests/conftest.py``'s tiny ``MarianMTModel`` with a ``MarianTokenizer`` (no downloads,
+``build_tiny_marian``): separate source and target SentencePiece models trained on the synthetic
+language pair, one ``vocab.json`` in its own order that leaves out one source piece (so ``<unk>`` is
+exercised) and holds a language code. The model is warmed up from random weights, and its
+final_logits_bias and ``<pad>`` row (where its decoder starts) are random too, so a permuted row, a
+swapped norm or a dropped bias changes the numbers.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import random
 
 import pytest
 
 transformers = pytest.importorskip("transformers")
 
-import sentencepiece as spm  # noqa: E402
 import torch  # noqa: E402
 
+from wdserve.distill.batching import encode_pairs  # noqa: E402
 from wdserve.distill.checkpoint import load_model  # noqa: E402
 from wdserve.distill.decode import beam_search, greedy_search  # noqa: E402
+from wdserve.distill.losses import label_smoothed_nll  # noqa: E402
 from wdserve.distill.marian import (  # noqa: E402
     PRETRAINED_CARD,
     SUPPRESSED_LOGIT,
@@ -39,86 +38,20 @@ from wdserve.distill.model import (  # noqa: E402
     ModelConfig,
     Transformer,
 )
-from wdserve.distill.synthetic import generate_pairs  # noqa: E402
+from wdserve.distill.students import student_config  # noqa: E402
 from wdserve.distill.vocab import Vocab  # noqa: E402
+from wdserve.distill.wd import MODES, WeightGenerator  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Recommended. pip install sacremoses")
 
-LANGUAGE_CODE = ">>yy<<"
+LANGUAGE_CODE = ">>yy<<"  # in the tiny model's vocab.json (tests/conftest.py TINY_MARIAN_LANGUAGE_CODE)
 MAX_NEW_TOKENS = 40
 
 
-def _sentencepiece(lines: list[str], size: int) -> bytes:
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buffer, vocab_size=size,
-                                   model_type="unigram", hard_vocab_limit=False, minloglevel=2, num_threads=1)
-    return buffer.getvalue()
-
-
-def _ordinary_pieces(model: bytes) -> list[str]:
-    sp = spm.SentencePieceProcessor(model_proto=model)
-    return [sp.id_to_piece(i) for i in range(sp.get_piece_size())
-            if not (sp.is_control(i) or sp.is_unknown(i))]
-
-
 @pytest.fixture(scope="module")
-def marian(tmp_path_factory):
+def marian(tiny_marian):
     """(directory of the saved model and tokenizer, model, tokenizer, sentence pairs, the left-out piece)."""
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("marian")
-    pairs = generate_pairs(300, seed=3)
-    source_spm = _sentencepiece([s for s, _ in pairs], 60)
-    target_spm = _sentencepiece([t for _, t in pairs], 60)
-    (root / "source.spm").write_bytes(source_spm)
-    (root / "target.spm").write_bytes(target_spm)
-    target_pieces = _ordinary_pieces(target_spm)
-    # A source piece the vocabulary lacks: MarianTokenizer (and wdserve) must map it to <unk>.
-    sp = spm.SentencePieceProcessor(model_proto=source_spm)
-    left_out = next(p for p in sp.encode(pairs[0][0], out_type=str) if p not in target_pieces and len(p) > 1)
-    pieces = [LANGUAGE_CODE]
-    for piece in _ordinary_pieces(source_spm) + target_pieces:
-        if piece not in pieces and piece != left_out:
-            pieces.append(piece)
-    random.Random(0).shuffle(pieces)  # Marian's order is not the SentencePiece models' order
-    vocab = {"</s>": 0, "<unk>": 1, **{piece: i + 2 for i, piece in enumerate(pieces)}}
-    vocab["<pad>"] = len(vocab)
-    (root / "vocab.json").write_text(json.dumps(vocab))
-    tokenizer = transformers.MarianTokenizer(str(root / "source.spm"), str(root / "target.spm"),
-                                             str(root / "vocab.json"), source_lang="xx", target_lang="yy")
-    pad = vocab["<pad>"]
-    config = transformers.MarianConfig(
-        vocab_size=len(vocab), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=48, max_position_embeddings=128,
-        activation_function="swish", scale_embedding=True, pad_token_id=pad, decoder_start_token_id=pad,
-        eos_token_id=0, dropout=0.1)
-    torch.manual_seed(0)
-    model = transformers.MarianMTModel(config)
-    with torch.no_grad():  # Marian's <pad> row is where its decoder starts; padding_idx keeps it as set
-        model.model.shared.weight[pad].normal_(0.0, 0.3)
-    _warm_up(model, tokenizer, pairs, steps=60)
-    with torch.no_grad():
-        model.final_logits_bias.normal_(0.0, 0.3)
-        model.final_logits_bias[0, pad] = 5.0  # Marian's <pad>: the argmax unless suppressed
-    model.generation_config.forced_eos_token_id = None  # wdserve returns a hypothesis at the limit as is
-    model.save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    return root, model, tokenizer, pairs, left_out
-
-
-def _warm_up(model, tokenizer, pairs: list[tuple[str, str]], steps: int) -> None:
-    """A few dozen cross-entropy steps: an untrained model repeats one token and never emits </s>, which
-    would leave the search comparisons little to compare. They also make every norm and bias distinct."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for step in range(steps):
-        chunk = pairs[(step * 32) % 256 :][:32]
-        batch = tokenizer([s for s, _ in chunk], text_target=[t for _, t in chunk], padding=True,
-                          return_tensors="pt")
-        batch["labels"] = batch["labels"].masked_fill(batch["labels"] == tokenizer.pad_token_id, -100)
-        optimizer.zero_grad()
-        model(**batch).loss.backward()
-        optimizer.step()
-    model.eval()
+    return tiny_marian
 
 
 @pytest.fixture(scope="module")
@@ -291,3 +224,37 @@ def test_offline_without_cache_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MarianImportError, match="does not hold a complete MarianMTModel"):
         load_pretrained(tmp_path / "empty", local_files_only=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_weight_distilled_student_keeps_the_teachers_suppressed_tokens(marian, imported, mode):
+    """A generated stu1 (phase 1, then folded) copies the teacher's output bias: tanh would squash the
+    suppressed <pad> and <s> logits from -1e4 to -1, a value ordinary logits do not reliably beat."""
+    _, _, _, pairs, _ = marian
+    teacher, vocab, _, _ = imported
+    torch.manual_seed(0)
+    generator = WeightGenerator(teacher, student_config(teacher.config, "stu1"), mode=mode)
+    assert not any(name.startswith("decoder__output_proj__bias") for name in generator.generators)
+    optimizer = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=3e-3)
+    examples = encode_pairs(vocab, pairs[:96])
+    for start in range(0, len(examples), 32):  # a few phase-1 steps: the generator moves, the copy must not
+        chunk = examples[start : start + 32]
+        src, tgt = _pad([s for s, _ in chunk]), [t for _, t in chunk]
+        logits = generator(src, _pad([[BOS_ID] + t for t in tgt]))
+        loss, _ = label_smoothed_nll(logits, _pad([t + [EOS_ID] for t in tgt]), 0.1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert (logits[..., [PAD_ID, BOS_ID]] < SUPPRESSED_LOGIT / 2).all()  # phase 1 trains with it, too
+
+    student = generator.fold().eval()
+    assert torch.equal(student.decoder.output_proj.bias, teacher.decoder.output_proj.bias)
+    assert (student.decoder.output_proj.bias[[PAD_ID, BOS_ID]] == SUPPRESSED_LOGIT).all()
+    src = _pad([vocab.encode_source(s) + [EOS_ID] for s, _ in pairs[100:116]])
+    with torch.no_grad():
+        probabilities = torch.softmax(student(src, _pad([[BOS_ID]] * len(src))), dim=-1)  # (B, 1, V)
+    assert (probabilities[..., [PAD_ID, BOS_ID]] == 0).all()
+    for outputs in (greedy_search(student, src, max_len_a=0, max_len_b=MAX_NEW_TOKENS),
+                    beam_search(student, src, 4, 1.0, max_len_a=0, max_len_b=MAX_NEW_TOKENS)):
+        emitted = {token for ids in outputs for token in ids}
+        assert emitted and not emitted & {PAD_ID, BOS_ID}

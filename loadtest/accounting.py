@@ -120,12 +120,15 @@ def read_client_stats(prefix: Path) -> dict[str, Any]:
     """The locustfile's ``PREFIX.<pid>.json`` files of one run, summed over locust's processes."""
     files = sorted(Path(prefix).parent.glob(f"{Path(prefix).name}.*.json"))
     if not files:
-        raise BenchError(f"locust wrote no client stats ({prefix}.<pid>.json); is the locustfile current?")
-    total: dict[str, Any] = {"processes": len(files), "cpu_s": 0.0, "wall_s": 0.0, "models": {}}
+        raise BenchError(f"locust wrote no client stats ({prefix}.<process>.json); "
+                         "is the locustfile current?")
+    total: dict[str, Any] = {"processes": len(files), "cpu_s": 0.0, "wall_s": 0.0, "busiest": 0.0,
+                             "models": {}}
     for path in files:
         stats = json.loads(path.read_text(encoding="utf-8"))
         total["cpu_s"] += stats["cpu_s"]
         total["wall_s"] = max(total["wall_s"], stats["wall_s"])
+        total["busiest"] = max(total["busiest"], utilization(stats["cpu_s"], stats["wall_s"], 1) or 0.0)
         for model, counts in stats["models"].items():
             into = total["models"].setdefault(model, dict.fromkeys(counts, 0))
             for key, value in counts.items():
@@ -136,6 +139,15 @@ def read_client_stats(prefix: Path) -> dict[str, Any]:
 def utilization(cpu_s: float, wall_s: float, cores: int) -> float | None:
     """Fraction of ``cores`` busy over ``wall_s`` seconds."""
     return cpu_s / (wall_s * cores) if wall_s > 0 and cores > 0 else None
+
+
+def load_busy(client: dict[str, Any], load_cores: int, distributed: bool) -> float | None:
+    """How busy the load generator was, from ``read_client_stats``: on this machine, its processes'
+    CPU over its cores; distributed, its busiest process's share of one core (a locust process runs on
+    one core, and the bench cannot know the workers' machines)."""
+    if distributed:
+        return client["busiest"] if client["wall_s"] > 0 else None
+    return utilization(client["cpu_s"], client["wall_s"], load_cores)
 
 
 def scrape_metrics(url: str, timeout: float = 10.0) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -44,6 +44,7 @@ from wdserve.loadtest.accounting import (
     available_cpus,
     batches_between,
     format_cpus,
+    load_busy,
     pin_process,
     pinned,
     process_cpu_seconds,
@@ -98,6 +99,15 @@ class BenchOptions:
     pytorch: bool = True
     server_timeout: float = 180.0
     server_args: list[str] = field(default_factory=list)
+    server_host: str = "127.0.0.1"  # where the server the bench starts listens, and the name locust uses
+    server_port: int = 0  # 0: a free port
+    locust_workers: int = 0  # > 0: each phase's locust is a master waiting for this many --worker processes
+    master_port: int = 5557
+    workers_timeout: float = 120.0  # how long a phase's master waits for its workers
+
+    @property
+    def distributed(self) -> bool:
+        return self.locust_workers > 0
 
     @property
     def phase_seconds(self) -> int:
@@ -165,9 +175,9 @@ def served_export(listing: list[dict[str, Any]], served_name: str, export_dirs: 
 # The server
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -214,20 +224,22 @@ class Server:
 
 @contextmanager
 def running_server(workdir: Path, log_path: Path, timeout: float, extra_args: list[str],
-                   cpus: tuple[int, ...] | None = None) -> Iterator[Server]:
-    """``wdserve serve`` on a free local port, on ``cpus`` when given; SIGTERM (then SIGKILL) on the way out.
+                   cpus: tuple[int, ...] | None = None, host: str = "127.0.0.1", port: int = 0
+                   ) -> Iterator[Server]:
+    """``wdserve serve`` on ``host`` (a free port unless ``port``), on ``cpus`` when given; SIGTERM (then
+    SIGKILL) on the way out.
 
     The process is pinned right after it starts, long before its interpreter has started a
     thread, so the server sizes its thread pool for its own cores (``available_cores``).
     """
-    port = free_port()
-    command = [*SERVE_COMMAND, "--workdir", str(workdir), "--host", "127.0.0.1", "--port", str(port),
+    port = port or free_port(host)
+    command = [*SERVE_COMMAND, "--workdir", str(workdir), "--host", host, "--port", str(port),
                *extra_args]
     log.info("starting server%s: %s", f" on CPU(s) {format_cpus(cpus)}" if cpus else "", " ".join(command))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8") as server_log:
         process = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{host}:{port}"
     try:
         if cpus:
             pin_process(process.pid, cpus)
@@ -333,7 +345,11 @@ def locust_command(phase: Phase, ctx: PhaseContext, prefix: Path) -> list[str]:
         "--beam-size", str(options.beam_size), "--max-length", str(options.max_length),
         "--source", ctx.languages[0], "--target", ctx.languages[1], "--client-stats", f"{prefix}_client",
     ]
-    if len(ctx.plan.load) > 1 and not ctx.plan.shared:
+    if options.distributed:  # workers anywhere connect to this master (see README: Load testing)
+        command += ["--master", "--master-bind-port", str(options.master_port),
+                    "--expect-workers", str(options.locust_workers),
+                    "--expect-workers-max-wait", str(round(options.workers_timeout))]
+    elif len(ctx.plan.load) > 1 and not ctx.plan.shared:
         command += ["--processes", str(len(ctx.plan.load))]
     return command
 
@@ -342,6 +358,7 @@ def run_phase(phase: Phase, ctx: PhaseContext) -> dict[str, Any]:
     """One headless locust run against one model: locust's numbers, the server's CPU and batches."""
     prefix = ctx.locust_dir / phase.prefix
     duration = ctx.options.phase_seconds
+    limit = duration + 120 + (ctx.options.workers_timeout if ctx.options.distributed else 0)
     accounted = ctx.server.pid is not None
     metrics_before = scrape_metrics(ctx.server.url) if accounted else {}
     cpu_before = process_cpu_seconds(ctx.server.pid) if accounted else 0.0
@@ -350,10 +367,10 @@ def run_phase(phase: Phase, ctx: PhaseContext) -> dict[str, Any]:
                                    stderr=subprocess.STDOUT)
         pin_process(process.pid, ctx.plan.load)
         try:
-            returncode = process.wait(timeout=duration + 120)
+            returncode = process.wait(timeout=limit)
         except subprocess.TimeoutExpired as err:
             stop_process(process)
-            raise BenchError(f"locust did not finish within {duration + 120}s; see {prefix}.log") from err
+            raise BenchError(f"locust did not finish within {limit:.0f}s; see {prefix}.log") from err
     server_cpu_s = process_cpu_seconds(ctx.server.pid) - cpu_before if accounted else None
     metrics_after = scrape_metrics(ctx.server.url) if accounted else {}
     stats_path = Path(f"{prefix}_stats.csv")
@@ -364,7 +381,7 @@ def run_phase(phase: Phase, ctx: PhaseContext) -> dict[str, Any]:
     stats = read_locust_stats(stats_path, name)
     client = read_client_stats(Path(f"{prefix}_client"))
     counted = client["models"].get(phase.served_as, {"responses": 0, "sentences": 0, "words": 0})
-    load_utilization = utilization(client["cpu_s"], client["wall_s"], len(ctx.plan.load))
+    load_utilization = load_busy(client, len(ctx.plan.load), ctx.options.distributed)
     record = {
         **asdict(phase),
         "request_name": name,
@@ -376,6 +393,7 @@ def run_phase(phase: Phase, ctx: PhaseContext) -> dict[str, Any]:
         "sentences_per_s": round(stats["requests_per_s"] * phase.sentences_per_request, 3),
         "load_cpu_s": round(client["cpu_s"], 3),
         "load_processes": client["processes"],
+        "load_busiest_process": rounded(client["busiest"]),
         "load_utilization": rounded(load_utilization),
         "valid": load_utilization is not None and load_utilization <= LOAD_SATURATED,
         **server_accounting(phase, stats, server_cpu_s, client["wall_s"], ctx, metrics_before, metrics_after),
@@ -580,7 +598,8 @@ def _server(options: BenchOptions, out: Path, plan: CpuPlan) -> Iterator[Server]
         yield Server(url, None)
     else:
         with running_server(Path(options.workdir), out / "server.log", options.server_timeout,
-                            options.server_args, None if plan.shared else plan.server) as server:
+                            options.server_args, None if plan.shared else plan.server,
+                            host=options.server_host, port=options.server_port) as server:
             yield server
 
 

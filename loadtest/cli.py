@@ -23,6 +23,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -110,6 +117,21 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server-arg", dest="server_args", action="append", default=[],
                         help="extra argument for `wdserve serve` "
                              "(repeatable, e.g. --server-arg=--max-batch-size=16)")
+    parser.add_argument("--server-host", default="127.0.0.1",
+                        help="address the server the bench starts listens on, and the name locust reaches "
+                             "it by: with remote workers, this machine's name or address (default 127.0.0.1)")
+    parser.add_argument("--server-port", type=int, default=0,
+                        help="port of the server the bench starts (default 0: a free port)")
+    parser.add_argument("--locust-workers", type=_non_negative_int, default=0,
+                        help="distributed load: each phase's locust is a master that waits for this many "
+                             "workers, started anywhere as `locust -f loadtest/locustfile.py --worker "
+                             "--master-host THIS_HOST` in a loop (default 0: locust runs here, one process "
+                             "per load core)")
+    parser.add_argument("--master-port", type=int, default=5557,
+                        help="port the locust master listens on for its workers (default 5557)")
+    parser.add_argument("--workers-timeout", type=_positive_float, default=120.0,
+                        help="seconds a phase's master waits for its workers before the bench fails "
+                             "(default 120)")
 
 
 def run_bench(args: argparse.Namespace) -> None:
@@ -123,6 +145,8 @@ def run_bench(args: argparse.Namespace) -> None:
         slo_ms=args.slo_ms, min_gain=args.min_gain, server_cpus=args.server_cpus, load_cpus=args.load_cpus,
         max_sentences=args.max_sentences, threads=args.threads, direct_batch_size=args.direct_batch_size,
         direct_seconds=args.direct_seconds, pytorch=args.pytorch, server_timeout=args.server_timeout,
-        server_args=args.server_args,
+        server_args=args.server_args, server_host=args.server_host, server_port=args.server_port,
+        locust_workers=args.locust_workers, master_port=args.master_port,
+        workers_timeout=args.workers_timeout,
     )
     bench(options)

@@ -9,9 +9,14 @@ Options (also in the web UI, and as ``LOCUST_*`` environment variables): ``--sen
 so that locust's statistics keep the models apart. Users are closed-loop: ``-u 1`` measures
 latency, many users measure throughput.
 
-With ``--client-stats PREFIX`` every locust process writes ``PREFIX.<pid>.json``: the words of
-the translations it received per model, and its own CPU seconds over the test, which is how
+With ``--client-stats PREFIX`` there is one ``PREFIX.<process>.json`` per locust process: the words
+of the translations it received per model, and its own CPU seconds over the test, which is how
 ``wdserve bench`` tells a saturated load generator from a saturated server.
+
+Distributed (``--master`` here, ``--worker --master-host HOST`` on any number of machines, or
+``--processes N`` on one): only the master reads ``--sentences``; each worker asks the master for
+them, and reports its counters and CPU seconds with its stats, so the master writes every
+process's ``PREFIX.<process>.json`` and a worker needs neither the file nor a shared disk.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import itertools
 import json
 import os
 import random
+import re
+import socket
 import time
 from pathlib import Path
 
@@ -27,8 +34,10 @@ import gevent
 import locust.stats
 from locust import FastHttpUser, events, task
 from locust.exception import StopUser
+from locust.runners import MasterRunner, WorkerRunner
 
-CLIENT: dict = {}  # this process's counters, written at test stop
+CLIENT: dict = {}  # this process's sentences and counters, written at test stop
+SENTENCES_WAIT_S = 30.0  # how long a worker's user waits for the master's sentences
 _user_numbers = itertools.count()
 
 
@@ -44,18 +53,34 @@ def add_options(parser) -> None:
     parser.add_argument("--api-key", default="", help="api_key sent with every request")
     parser.add_argument("--seed", type=int, default=1, help="seed of each user's sentence order")
     parser.add_argument("--client-stats", default="", include_in_web_ui=False,
-                       help="write PREFIX.<pid>.json: words received and this process's CPU seconds")
+                       help="write PREFIX.<host>-<pid>.json per locust process: words received, CPU seconds")
 
 
 @events.init.add_listener
-def read_sentences(environment, **_kwargs) -> None:
+def read_sentences(environment, runner, **_kwargs) -> None:
+    if isinstance(runner, WorkerRunner):  # the master has the file: ask it (answered in send_sentences)
+        runner.register_message("wdserve_sentences", receive_sentences)
+        runner.send_message("wdserve_sentences_please")
+        return
     path = Path(environment.parsed_options.sentences)
     if not path.is_file():
         raise SystemExit(f"sentence file not found: {path}; give --sentences FILE (or LOCUST_SENTENCES), "
                          "one source sentence per line (e.g. DIR/data/test.src of `wdserve pipeline`)")
     CLIENT["sentences"] = [s.strip() for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
+    CLIENT["client_stats_prefix"] = environment.parsed_options.client_stats
     if not CLIENT["sentences"]:
         raise SystemExit(f"sentence file {path} has no non-empty lines")
+    if isinstance(runner, MasterRunner):
+        runner.register_message("wdserve_sentences_please", send_sentences)
+        environment.events.worker_report.add_listener(collect_client_stats)
+
+
+def send_sentences(environment, msg, **_kwargs) -> None:
+    environment.runner.send_message("wdserve_sentences", CLIENT["sentences"], client_id=msg.node_id)
+
+
+def receive_sentences(environment, msg, **_kwargs) -> None:
+    CLIENT["sentences"] = msg.data
 
 
 @events.test_start.add_listener
@@ -63,13 +88,38 @@ def start_counting(environment, **_kwargs) -> None:
     CLIENT.update(models={}, started=time.monotonic(), cpu_started=time.process_time(), languages={})
 
 
+def client_stats() -> dict:
+    """This process's counters since the test started: words received and its own CPU seconds."""
+    return {"process": f"{socket.gethostname()}-{os.getpid()}",
+            "wall_s": time.monotonic() - CLIENT["started"],
+            "cpu_s": time.process_time() - CLIENT["cpu_started"], "models": CLIENT["models"]}
+
+
+def write_client_stats_file(prefix: str, stats: dict) -> None:
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", stats["process"])
+    Path(f"{prefix}.{name}.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
+
+
 @events.test_stop.add_listener
 def write_client_stats(environment, **_kwargs) -> None:
     prefix = environment.parsed_options.client_stats
-    if prefix and "started" in CLIENT:
-        stats = {"pid": os.getpid(), "wall_s": time.monotonic() - CLIENT["started"],
-                 "cpu_s": time.process_time() - CLIENT["cpu_started"], "models": CLIENT["models"]}
-        Path(f"{prefix}.{os.getpid()}.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
+    if prefix and "started" in CLIENT and not isinstance(environment.runner, WorkerRunner):
+        write_client_stats_file(prefix, client_stats())
+
+
+@events.report_to_master.add_listener
+def report_client_stats(client_id, data, **_kwargs) -> None:
+    # Sent with every stats report (every few seconds, and once more when the worker stops), so the
+    # master's copy is at most one report old even when a worker dies.
+    if "started" in CLIENT:
+        data["wdserve_client"] = client_stats()
+
+
+def collect_client_stats(client_id, data, **_kwargs) -> None:
+    """On the master: a worker's counters, rewritten with each of its reports (the last one is final)."""
+    prefix = CLIENT.get("client_stats_prefix")
+    if prefix and "wdserve_client" in data:
+        write_client_stats_file(prefix, data["wdserve_client"])
 
 
 @events.quitting.add_listener
@@ -92,6 +142,7 @@ class TranslateUser(FastHttpUser):
     def on_start(self) -> None:
         options = self.environment.parsed_options
         number = next(_user_numbers)
+        self.wait_for_sentences()
         models = [m.strip() for m in options.models.split(",") if m.strip()]
         self.model = models[number % len(models)]
         self.languages = self.languages_of(self.model)
@@ -100,6 +151,15 @@ class TranslateUser(FastHttpUser):
         self.next_index = itertools.cycle(order)
         self.extra = {key: value for key, value in (("beam_size", options.beam_size),
                       ("max_length", options.max_length), ("api_key", options.api_key)) if value}
+
+    @staticmethod
+    def wait_for_sentences() -> None:
+        """On a worker the sentences come from the master, asked for at start-up."""
+        deadline = time.monotonic() + SENTENCES_WAIT_S
+        while "sentences" not in CLIENT:
+            if time.monotonic() > deadline:
+                raise StopUser(f"no sentences from the locust master within {SENTENCES_WAIT_S:.0f}s")
+            gevent.sleep(0.05)
 
     def languages_of(self, model: str) -> tuple[str, str]:
         options = self.environment.parsed_options

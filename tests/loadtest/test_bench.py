@@ -13,6 +13,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -22,7 +24,14 @@ import pytest
 pytest.importorskip("locust")
 pytest.importorskip("wdserve.server.app", reason="the server (server/app.py) is needed to bench over HTTP")
 
-from wdserve.loadtest.bench import LOCUSTFILE, BenchOptions, request_name, run_bench, running_server  # noqa: E402
+from wdserve.loadtest.bench import (  # noqa: E402
+    LOCUSTFILE,
+    BenchOptions,
+    free_port,
+    request_name,
+    run_bench,
+    running_server,
+)
 
 MODELS = ("teacher", "student")
 USERS = (1, 2)
@@ -168,3 +177,55 @@ def test_locustfile_says_what_to_give_when_the_sentences_are_missing(tmp_path: P
     )
     assert result.returncode != 0
     assert "absent.src" in result.stderr and "--sentences" in result.stderr
+
+
+def worker_loop(master_port: int, stop: threading.Event, log_dir: Path) -> None:
+    """What a load machine runs in distributed mode: a locust worker, started again after each phase's
+    master has quit it. Its --sentences does not exist: workers get the sentences from the master."""
+    runs = 0
+    while not stop.is_set():
+        with open(log_dir / f"worker-{threading.get_ident()}-{runs}.log", "w") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--worker", "--master-host",
+                 "127.0.0.1", "--master-port", str(master_port), "--sentences", "/absent/on/workers.src"],
+                stdout=log, stderr=subprocess.STDOUT)
+        while process.poll() is None and not stop.is_set():
+            time.sleep(0.1)
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=30)
+        runs += 1
+
+
+def test_bench_with_distributed_workers_accounts_every_process(tiny_workdir: Path, tmp_path: Path):
+    """--locust-workers 2: every phase's locust is a master with two workers from elsewhere; the
+    workers' CPU seconds and counts reach the report through the master, not a shared disk."""
+    port = free_port()
+    stop = threading.Event()
+    workers = [threading.Thread(target=worker_loop, args=(port, stop, tmp_path), daemon=True)
+               for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        report = run_bench(BenchOptions(
+            workdir=tiny_workdir, out=tmp_path / "bench", models=list(MODELS), duration=2, rounds=1,
+            users=(2,), min_gain=0.0, max_sentences=12, beam_size=1, max_length=16, direct_seconds=0.2,
+            server_timeout=120, slo_ms=10_000, locust_workers=2, master_port=port, workers_timeout=60,
+        ))
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=60)
+    assert [p["model"] for p in report["phases"]] == list(MODELS)
+    for phase in report["phases"]:
+        prefix = tmp_path / "bench" / "locust" / phase["files"]["stats_csv"].removesuffix("_stats.csv")
+        row = locust_row(Path(f"{prefix}_stats.csv"), request_name(phase["served_as"]))
+        clients = [json.loads(p.read_text()) for p in prefix.parent.glob(f"{prefix.name}_client.*.json")]
+        assert phase["load_processes"] == len(clients) == 3  # the master and both workers
+        counted = [c["models"].get(phase["served_as"], {}).get("responses", 0) for c in clients]
+        assert sorted(counted)[0] == 0 and all(n > 0 for n in sorted(counted)[1:])  # the master sends none
+        assert sum(counted) == int(row["Request Count"]) > 0 and phase["failures"] == 0
+        assert phase["load_cpu_s"] == pytest.approx(sum(c["cpu_s"] for c in clients), abs=1e-3)
+        busiest = max(c["cpu_s"] / c["wall_s"] for c in clients)
+        assert phase["load_utilization"] == pytest.approx(busiest, abs=1e-3)
+        assert phase["server_cpu_s"] > 0  # the server is still the bench's own, its CPU from psutil

@@ -270,7 +270,7 @@ def test_6_bench_profile_with_two_locust_workers_writes_its_report(stack: Stack)
     assert phases and all(p["requests"] > 0 and p["failures"] == 0 for p in phases)
     assert all(p["load_processes"] == 3 for p in phases)  # the master and both workers reported
     # the workers' loops end with the bench (its name stops resolving)
-    wait_for("the locust workers to exit", lambda: not stack.containers("bench-worker"), timeout=180, every=3)
+    wait_for("the locust workers to exit", lambda: not stack.containers("bench-worker"), timeout=60, every=3)
 
 
 def test_7_down_leaves_nothing_running(stack: Stack) -> None:

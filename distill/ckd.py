@@ -5,23 +5,26 @@ are concatenated, ``h_T = [t_{j1}; t_{j2}; ...]`` (width ``|group| * teacher_dim
 map ``W_i`` projects the student's output ``s_i`` to that width, and both are compared after L2
 normalisation::
 
-    intermediate = mean over student layers i and non-pad source tokens of
-                   || W_i s_i / ||W_i s_i|| - h_T / ||h_T|| ||^2
+    d(i, x) = || W_i s_i(x) / ||W_i s_i(x)|| - h_T(x) / ||h_T(x)|| ||^2
+    intermediate = sum over student layers i and non-pad source tokens x of d(i, x)     (reduction="sum")
     loss = a * T^2 * KL(p_teacher^T || p_student^T) + (1 - a - b) * NLL(gold) + b * intermediate
 
-KL and NLL are sums over target tokens (``distill.kd``); the intermediate mean is multiplied by the
-batch's target-token count so that all three terms are in the trainer's "summed over target tokens"
-units.
+KL and NLL are sums over target tokens (``distill.kd``). ``reduction="sum"`` is the authors' code
+(``onmt/utils/loss.py``: MSE summed over the hidden width, the layers and the source tokens).
+``reduction="mean"`` averages over layers and source tokens and multiplies by the batch's target-token
+count: about ``1 / L_s`` as strong as the sum (it was this module's only form before issue #15).
 
-Mapping modes, for ``L_t`` teacher and ``L_s`` student layers with ``k = L_t / L_s`` (a whole
-number), teacher layers numbered from 1 and ``R_i = {k(i-1)+1, ..., k i}`` (the i-th block of k):
+Mapping modes, named as in the authors' ``--enc_distillation_mode``, for ``L_t`` teacher and ``L_s``
+student layers with ``k = L_t / L_s`` (a whole number), teacher layers numbered from 1 and
+``R_i = {k(i-1)+1, ..., k i}`` (the i-th block of k). The authors hard-code 6 -> 2; the general rule
+is ours and gives their groups there:
 
-- ``regular``: group i = ``R_i``.                          6 -> 2: {1,2,3}, {4,5,6}
-- ``overlap``: ``R_i`` plus its neighbours on each side (where they exist), so adjacent groups share
-  two layers.                                             6 -> 2: {1,2,3,4}, {3,4,5,6}
-- ``skip``: only the first and last layer of ``R_i`` (the middle is skipped; ``R_i`` itself when k <= 2).
-                                                          6 -> 2: {1,3}, {4,6}
-- ``cross``: every ``L_s``-th layer starting at i, interleaving the depth. 6 -> 2: {1,3,5}, {2,4,6}
+- ``regular_comb``: group i = ``R_i``.                               6 -> 2: {1,2,3}, {4,5,6}
+- ``overlap``: ``R_i`` plus its neighbours on each side (where they exist). 6 -> 2: {1,2,3,4}, {3,4,5,6}
+- ``cross_comb``: the first and last layer of ``R_i`` (``R_i`` itself when k <= 2). 6 -> 2: {1,3}, {4,6}
+- ``skip_comb``: every ``L_s``-th layer starting at i, interleaving the depth. 6 -> 2: {1,3,5}, {2,4,6}
+- ``skip_middle``: the middle of the teacher's stack is skipped: groups in the lower half take the
+  first ``max(1, k-1)`` layers of ``R_i``, groups in the upper half the last. 6 -> 2: {1,2}, {5,6}
 
 The projections train alongside the student: ``CKDStudent`` wraps both, and ``student_of`` returns
 the plain ``Transformer``.
@@ -37,11 +40,15 @@ from wdserve.distill.kd import frozen, kl_sum
 from wdserve.distill.losses import label_smoothed_nll, unwrap
 from wdserve.distill.model import PAD_ID, Transformer
 
-MAPPINGS = ("regular", "overlap", "skip", "cross")
+MAPPINGS = ("regular_comb", "overlap", "cross_comb", "skip_comb", "skip_middle")
+REDUCTIONS = ("sum", "mean")
+RENAMED = {"regular": "regular_comb", "skip": "cross_comb", "cross": "skip_comb"}  # before issue #15
 
 
-def ckd_groups(teacher_layers: int, student_layers: int, mode: str = "regular") -> list[list[int]]:
+def ckd_groups(teacher_layers: int, student_layers: int, mode: str = "regular_comb") -> list[list[int]]:
     """Teacher encoder layers (1-based, as in the paper) supervising each student encoder layer."""
+    if mode in RENAMED:
+        raise ValueError(f"CKD mapping {mode!r} was renamed to the authors' {RENAMED[mode]!r}")
     if mode not in MAPPINGS:
         raise ValueError(f"unknown CKD mapping {mode!r}; expected one of {MAPPINGS}")
     if student_layers < 1 or teacher_layers % student_layers:
@@ -51,12 +58,15 @@ def ckd_groups(teacher_layers: int, student_layers: int, mode: str = "regular") 
         )
     k = teacher_layers // student_layers
     blocks = [list(range(k * i + 1, k * (i + 1) + 1)) for i in range(student_layers)]
-    if mode == "regular":
+    if mode == "regular_comb":
         return blocks
     if mode == "overlap":
         return [list(range(max(1, b[0] - 1), min(teacher_layers, b[-1] + 1) + 1)) for b in blocks]
-    if mode == "skip":
+    if mode == "cross_comb":
         return [sorted({b[0], b[-1]}) for b in blocks]
+    if mode == "skip_middle":
+        keep = max(1, k - 1)
+        return [b[:keep] if 2 * i < student_layers else b[-keep:] for i, b in enumerate(blocks)]
     return [list(range(i + 1, teacher_layers + 1, student_layers)) for i in range(student_layers)]
 
 
@@ -104,9 +114,13 @@ class CKDLoss:
         beta: float = 0.1,
         temperature: float = 1.0,
         label_smoothing: float = 0.0,
+        reduction: str = "mean",
     ) -> None:
         if alpha < 0 or beta < 0 or alpha + beta > 1:
             raise ValueError(f"CKD needs alpha, beta >= 0 and alpha + beta <= 1, got {alpha}, {beta}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"CKD reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.reduction = reduction
         self.teacher = frozen(teacher)
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.label_smoothing = label_smoothing
@@ -114,15 +128,21 @@ class CKDLoss:
     @staticmethod
     def intermediate(
         projected: list[torch.Tensor], teacher_hidden: list[torch.Tensor], groups: list[list[int]],
-        src: torch.Tensor,
+        src: torch.Tensor, reduction: str = "sum",
     ) -> torch.Tensor:
-        """Mean over layers and non-pad source tokens of the squared distance of unit vectors."""
+        """The squared distance of unit vectors, summed (or averaged) over layers and non-pad source tokens.
+
+        ``projected[i]`` (B, S, |g_i| * d_t) is student layer i mapped by ``W_i``; ``teacher_hidden[j]``
+        (B, S, d_t) is the output of teacher layer j + 1 (groups number layers from 1).
+        """
         keep = (src != PAD_ID).unsqueeze(-1)  # (B, S, 1)
         total = projected[0].new_zeros(())
         for predicted, group in zip(projected, groups, strict=True):
             target = torch.cat([teacher_hidden[j - 1] for j in group], dim=-1)  # (B, S, |g| * d_t)
             distance = (F.normalize(predicted, dim=-1) - F.normalize(target, dim=-1)).pow(2)
             total = total + (distance.sum(-1, keepdim=True) * keep).sum()
+        if reduction == "sum":
+            return total
         return total / (keep.sum() * len(groups)).clamp(min=1)
 
     def __call__(self, module: nn.Module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -132,12 +152,9 @@ class CKDLoss:
         logits, projected = module(batch.src, batch.tgt_in, with_hidden=True)
         gold, nll = label_smoothed_nll(logits, batch.tgt_out, self.label_smoothing)
         kl = kl_sum(logits, teacher_logits, batch.tgt_out, self.temperature)
-        inter = self.intermediate(projected, teacher_hidden, unwrap(module).groups, batch.src)
-        tokens = (batch.tgt_out != PAD_ID).sum()
-        loss = (
-            self.alpha * self.temperature**2 * kl
-            + (1 - self.alpha - self.beta) * gold
-            + self.beta * inter * tokens
-        )
-        stats = {"nll": nll.detach(), "kl": kl.detach(), "intermediate": inter.detach() * tokens}
+        inter = self.intermediate(projected, teacher_hidden, unwrap(module).groups, batch.src, self.reduction)
+        if self.reduction == "mean":  # into the trainer's "summed over target tokens" units
+            inter = inter * (batch.tgt_out != PAD_ID).sum()
+        loss = self.alpha * self.temperature**2 * kl + (1 - self.alpha - self.beta) * gold + self.beta * inter
+        stats = {"nll": nll.detach(), "kl": kl.detach(), "intermediate": inter.detach()}
         return loss, stats

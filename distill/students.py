@@ -12,15 +12,20 @@ Reference students follow the weight distillation paper's released code, relativ
 dict accepts any ``distill.train.TrainConfig`` field):
 
 - ``seqkd``: plain training from scratch, on whatever pairs it is given (the pipeline gives it
-  the teacher's translations, which makes it the sequence-level KD baseline). [train, word_kd]
-- ``kd``: word-level KD from scratch. [train, word_kd = {alpha: 0.5, temperature: 1.0}]
+  the teacher's translations, which makes it the sequence-level KD baseline). [train, word_kd,
+  encoder_from_teacher: start from the teacher's encoder, copied (the students keep its shape)]
+- ``kd``: word-level KD from scratch. [train, word_kd = {alpha: 0.5, temperature: 1.0},
+  encoder_from_teacher]
 - ``wd``: weight distillation: phase 1 trains the generator (``out_dir/phase1``), its best
   student is folded into plain weights, phase 2 fine-tunes them (``out_dir/phase2``).
-  [phase1, phase2 (default: train), word_kd (phase 2 only)]
+  [phase1, phase2 (default: train), word_kd (phase 2), phase1_word_kd (phase 1),
+  wd = {projections: shared|per-tensor, init: tanh|teacher} (``distill.wd``)]
 - ``ws`` / ``gated-ws``: weight squeezing / gated weight squeezing through the same generator;
-  phase 2 runs only when ``phase2`` is given. [phase1, phase2, word_kd (phase 2 only)]
-- ``ckd``: combinatorial intermediate-layer KD from scratch.
-  [train, ckd = {mapping: regular|overlap|skip|cross, alpha: 0.5, beta: 0.1, temperature: 1.0}]
+  phase 2 runs only when ``phase2`` is given. [phase1, phase2, word_kd, phase1_word_kd,
+  own_from (gated-ws: the trained student whose weights start ``W_own``; default a fresh one)]
+- ``ckd``: combinatorial intermediate-layer KD from scratch. [train, encoder_from_teacher,
+  ckd = {mapping: regular_comb|overlap|cross_comb|skip_comb|skip_middle, alpha: 0.5, beta: 0.1,
+  temperature: 1.0, reduction: mean|sum}]
 
 Every run goes through ``distill.train.train``: rerunning resumes, and a finished phase is not
 trained again. The final student is always ``out_dir/checkpoint_best.pt``, an ordinary checkpoint
@@ -40,7 +45,7 @@ from wdserve.distill.model import ModelConfig
 log = logging.getLogger(__name__)
 
 DEFAULT_WORD_KD = {"alpha": 0.5, "temperature": 1.0}
-DEFAULT_CKD = {"mapping": "regular", "alpha": 0.5, "beta": 0.1, "temperature": 1.0}
+DEFAULT_CKD = {"mapping": "regular_comb", "alpha": 0.5, "beta": 0.1, "temperature": 1.0, "reduction": "mean"}
 
 
 def preset_fields(teacher: ModelConfig, preset: str) -> dict[str, Any]:
@@ -91,9 +96,11 @@ def train_student(
     valid_pairs: list[tuple[str, str]],
     out_dir: Path,
     device: str = "cpu",
+    own_checkpoint: Path | None = None,
 ) -> Path:
     """Trains student ``spec.name`` by ``spec.method`` and returns ``out_dir/checkpoint_best.pt``
-    (module doc); the spec's options say how, and ``student_cfg`` is its shape."""
+    (module doc); the spec's options say how, and ``student_cfg`` is its shape. ``own_checkpoint``
+    (gated-ws, ``spec.own_from``): the trained student whose weights start ``W_own``."""
     import torch
 
     from wdserve.distill.batching import encode_pairs
@@ -125,26 +132,32 @@ def train_student(
              len(examples), student_cfg.to_dict())
     torch.manual_seed(seed)
 
+    if spec.own_from is not None and own_checkpoint is None:
+        raise ValueError(f"student {name}: own_from {spec.own_from!r} needs that student's checkpoint")
     if spec.phased:
-        return _train_phased(teacher, vocab, examples, valid_pairs, student_cfg, method, out_dir, meta,
-                             spec, train_config, device)
+        own = load_model(own_checkpoint, device)[0] if own_checkpoint is not None else None
+        return _train_phased(teacher, vocab, examples, valid_pairs, student_cfg, out_dir, meta,
+                             spec, train_config, device, own)
     from wdserve.distill.model import Transformer
     from wdserve.distill.train import train
 
     cfg = train_config("train")
+    student = Transformer(student_cfg).to(device)
+    if spec.encoder_from_teacher:
+        copy_encoder(teacher, student)
+        meta["encoder_from_teacher"] = True
     if method == "ckd":
         from wdserve.distill.ckd import CKDLoss, CKDStudent, ckd_groups, student_of
 
         ckd = {**DEFAULT_CKD, **(spec.ckd or {})}
         groups = ckd_groups(teacher.config.enc_layers, student_cfg.enc_layers, ckd.pop("mapping"))
-        module = CKDStudent(Transformer(student_cfg), teacher.config.enc_dim, groups).to(device)
+        module = CKDStudent(student, teacher.config.enc_dim, groups).to(device)
         loss_fn = CKDLoss(teacher, label_smoothing=cfg.label_smoothing, **ckd)
         result = train(module, vocab, examples, valid_pairs, cfg, out_dir, {**meta, "ckd_groups": groups},
                        loss_fn=loss_fn, student_of=student_of)
     else:
         word_kd = spec.word_kd if spec.word_kd is not None else DEFAULT_WORD_KD if method == "kd" else None
-        model = Transformer(student_cfg).to(device)
-        result = train(model, vocab, examples, valid_pairs, cfg, out_dir, meta,
+        result = train(student, vocab, examples, valid_pairs, cfg, out_dir, meta,
                        loss_fn=_word_kd_loss(teacher, word_kd, cfg))
     return result.best_path
 
@@ -158,16 +171,31 @@ def _word_kd_loss(teacher, word_kd: dict[str, Any] | None, cfg):
     return WordKDLoss(teacher, label_smoothing=cfg.label_smoothing, **{**DEFAULT_WORD_KD, **word_kd})
 
 
-def _train_phased(teacher, vocab, examples, valid_pairs, student_cfg, method, out_dir, meta, spec,
-                  train_config, device) -> Path:
+def copy_encoder(teacher, student) -> None:
+    """The teacher's encoder into ``student`` (the teacher-initialised KD baseline): same shape required."""
+    import torch
+
+    source, target = teacher.encoder.state_dict(), student.encoder.state_dict()
+    misshapen = sorted(k for k in target if k not in source or source[k].shape != target[k].shape)
+    if misshapen:
+        raise ValueError(f"encoder_from_teacher: the student's encoder differs from the teacher's at "
+                         f"{misshapen}")
+    with torch.no_grad():
+        student.encoder.load_state_dict(source)
+
+
+def _train_phased(teacher, vocab, examples, valid_pairs, student_cfg, out_dir, meta, spec, train_config,
+                  device, own) -> Path:
     """Phase 1 trains the generator; its best student, folded, is fine-tuned in phase 2 (if any)."""
     from wdserve.distill.checkpoint import atomic_write, load_model
     from wdserve.distill.train import train
     from wdserve.distill.wd import WeightGenerator, live_student
 
-    generator = WeightGenerator(teacher, student_cfg, mode=method).to(device)
-    phase1 = train(generator, vocab, examples, valid_pairs, train_config("phase1", "train"),
-                   out_dir / "phase1", {**meta, "phase": 1}, student_of=live_student)
+    method = spec.method
+    generator = WeightGenerator(teacher, student_cfg, mode=method, own=own, **(spec.wd or {})).to(device)
+    cfg1 = train_config("phase1", "train")
+    phase1 = train(generator, vocab, examples, valid_pairs, cfg1, out_dir / "phase1", {**meta, "phase": 1},
+                   loss_fn=_word_kd_loss(teacher, spec.phase1_word_kd, cfg1), student_of=live_student)
     final = phase1.best_path
     del generator
     if method == "wd" or spec.phase2 is not None:

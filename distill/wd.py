@@ -16,18 +16,23 @@ student's ``(out, in)`` shape. Init as in the authors' code: ``P``, ``Lambda`` X
 
 - a projection is used only on an axis whose widths differ (a square ``P`` would only scramble a basis
   the student already shares with the teacher); the embedding rule below says the same;
-- there is one ``P`` per width *space*, not per tensor (``width_space``): every tensor that reads or
+- with ``projections="shared"`` (the default) there is one ``P`` per width *space*, not per tensor
+  (``width_space``): every tensor that reads or
   writes a side's residual stream (embeddings, q/k/v/out, FFN in/out, LayerNorms, output projection)
   maps that axis with the same ``P``, and both FFN matrices share the FFN one. With a private random
   ``P`` per tensor, q and k land in unrelated bases and each layer reads the stream in a basis other
   than the one the previous layer wrote it in, so the teacher's function is scrambled at the start:
   on the tiny config such a student learned a target-side language model that ignored the source
-  (test BLEU 1.2 against 27.6 with shared spaces, same steps);
+  (test BLEU 1.2 against 27.6 with shared spaces, same steps). ``projections="per-tensor"`` is the
+  authors' form: a private Xavier-normal ``P`` per tensor and axis, biases included, square where the
+  widths agree (so no tensor starts as ``tanh`` of its teacher tensor);
 - with ``k = 1`` the sum has one term and ``c`` is dropped (the projections absorb a scalar).
 
 So a tensor whose shape equals the teacher's with ``k = 1`` (an encoder kept at the teacher's size) is
 ``W_s = A * tanh(W_t) + B``: with ``A = 1, B = 0`` the student starts from ``tanh(W_t)``, not ``W_t``.
 That is the authors' choice and is kept deliberately (phase 1 learns ``A`` and ``B``).
+``init="teacher"`` instead starts such a tensor (one teacher tensor, no projection) at ``B = W_t -
+tanh(W_t)``, so ``W_s = W_t`` exactly; every other tensor starts as above.
 
 Biases and LayerNorm gamma/beta take the same form without ``P_in``:
 ``b_s = A * tanh(sum_l c_l P_out^T b_l) + B``.
@@ -72,6 +77,8 @@ from wdserve.distill.losses import unwrap
 from wdserve.distill.model import ModelConfig, Transformer
 
 MODES = ("wd", "ws", "gated-ws")
+PROJECTIONS = ("shared", "per-tensor")  # wd: one P per width space, or a private P per tensor and axis
+INITS = ("tanh", "teacher")  # wd: A = 1, B = 0; or B = T - tanh(T) where a tensor copies one teacher tensor
 
 _LAYER_NAME = re.compile(r"^(encoder|decoder)\.layers\.(\d+)\.(.+)$")
 
@@ -138,10 +145,14 @@ class TensorGenerator(nn.Module):
         table: bool = False,
         own: torch.Tensor | None = None,
         shared: dict[int, nn.Parameter] | None = None,
+        square: bool = False,
+        init: str = "tanh",
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown generator mode {mode!r}; expected one of {MODES}")
+        if init not in INITS:
+            raise ValueError(f"unknown generator init {init!r}; expected one of {INITS}")
         k, teacher_shape = teacher.size(0), tuple(teacher.shape[1:])
         if len(teacher_shape) != len(student_shape):
             raise ValueError(f"teacher {teacher_shape} and student {student_shape} tensors differ in rank")
@@ -157,7 +168,7 @@ class TensorGenerator(nn.Module):
             t_dim, s_dim = teacher_shape[axis], student_shape[axis]
             if t_dim != s_dim and shared is not None and axis in shared:
                 self.proj[str(axis)] = shared[axis]  # the same Parameter object as its width space's
-            elif t_dim != s_dim:
+            elif t_dim != s_dim or (square and mode == "wd"):
                 self.proj[str(axis)] = nn.Parameter(nn.init.xavier_normal_(torch.empty(t_dim, s_dim)))
             elif mode != "wd":  # squeezing has no A, B: an identity map keeps the tensor trainable
                 self.proj[str(axis)] = nn.Parameter(torch.eye(t_dim))
@@ -169,11 +180,19 @@ class TensorGenerator(nn.Module):
         if mode == "wd":
             self.scale = nn.Parameter(torch.ones(student_shape))  # A
             self.shift = nn.Parameter(torch.zeros(student_shape))  # B
+            if init == "teacher" and self.copies_teacher:
+                with torch.no_grad():  # A * tanh(T) + B = T: the student starts as the teacher's tensor
+                    self.shift.copy_(self.teacher[0] - torch.tanh(self.teacher[0]))
         if mode == "gated-ws":
             if own is None or tuple(own.shape) != tuple(student_shape):
                 raise ValueError("gated weight squeezing needs the student's own initial tensor")
             self.own = nn.Parameter(own.detach().clone())
             self.gate = nn.Parameter(torch.zeros(student_shape))  # G: sigmoid(0) = 0.5 mixes evenly
+
+    @property
+    def copies_teacher(self) -> bool:
+        """One teacher tensor and nothing to map: ``W' = T`` exactly."""
+        return self.mix is None and self.teacher.size(0) == 1 and len(self.proj) == 0
 
     def mapped(self) -> torch.Tensor:
         """``sum_l c_l P_out^T T_l P_in`` (or the single teacher tensor mapped)."""
@@ -212,12 +231,17 @@ class WeightGenerator(nn.Module):
     """
 
     def __init__(
-        self, teacher: Transformer, student_cfg: ModelConfig, mode: str = "wd", ws_layer: int = -1
+        self, teacher: Transformer, student_cfg: ModelConfig, mode: str = "wd", ws_layer: int = -1,
+        projections: str = "shared", init: str = "tanh", own: Transformer | None = None,
     ) -> None:
         super().__init__()
         tcfg = teacher.config
         if mode not in MODES:
             raise ValueError(f"unknown generator mode {mode!r}; expected one of {MODES}")
+        if projections not in PROJECTIONS:
+            raise ValueError(f"unknown projections {projections!r}; expected one of {PROJECTIONS}")
+        if own is not None and own.config != student_cfg:
+            raise ValueError("the student whose weights start W_own must have the student's architecture")
         if student_cfg.vocab_size != tcfg.vocab_size:
             raise ValueError(
                 f"student vocab_size {student_cfg.vocab_size} differs from the teacher's {tcfg.vocab_size}; "
@@ -229,6 +253,7 @@ class WeightGenerator(nn.Module):
             raise ValueError("student and teacher must agree on output_bias (a student copies the teacher's "
                              "output bias, which an imported teacher needs to never emit <pad> and <s>)")
         self.mode = mode
+        self.projections = projections
         self.student_config = student_cfg
         groups = {
             "encoder": layer_groups(tcfg.enc_layers, student_cfg.enc_layers, "encoder"),
@@ -239,9 +264,11 @@ class WeightGenerator(nn.Module):
         self.student = Transformer(student_cfg)
         self.student.requires_grad_(False)
         teacher_params = dict(teacher.named_parameters(remove_duplicate=False))
+        own_params = dict(own.named_parameters()) if own is not None else {}
         self.names: list[str] = []  # the generated tensors
         self.generators = nn.ModuleDict()
         self.spaces = nn.ParameterDict()  # wd: one P per width space, shared by every tensor on it
+        shared = mode == "wd" and projections == "shared"
         for name, param in self.student.named_parameters():  # distinct tensors: ties appear once
             if is_copied(name):
                 with torch.no_grad():
@@ -253,8 +280,9 @@ class WeightGenerator(nn.Module):
             stack = torch.stack([teacher_params[s].detach() for s in sources])
             self.generators[name.replace(".", "__")] = TensorGenerator(
                 stack, tuple(param.shape), mode, table=is_table(name),
-                own=param if mode == "gated-ws" else None,
-                shared=self._space_projections(name, stack, param) if mode == "wd" else None,
+                own=own_params.get(name, param) if mode == "gated-ws" else None,
+                shared=self._space_projections(name, stack, param) if shared else None,
+                square=not shared, init=init,
             )
             self.names.append(name)
         # Every rank builds the same frozen teacher copies: DistributedDataParallel need not broadcast them.

@@ -23,6 +23,7 @@ METHODS = ("kd", "seqkd", "wd", "ws", "gated-ws", "ckd")  # see distill/students
 PHASED = ("wd", "ws", "gated-ws")  # a generator phase, then (optionally) fine-tuning
 PRESETS = ("stu1", "stu2")  # student shapes relative to the teacher (distill/students.py)
 STUDENT_DATA = ("seqkd", "bitext")
+WD_OPTIONS = {"projections": ("shared", "per-tensor"), "init": ("tanh", "teacher")}  # distill/wd.py
 DEFAULT_SEED = 1
 
 T = TypeVar("T")
@@ -112,15 +113,32 @@ class StudentSpec:
     model: dict[str, Any] = field(default_factory=dict)
     data: str = "seqkd"
     seed: int | None = None  # default: the pipeline's seed
+    seeds: tuple[int, ...] | None = None  # several runs, models <name>-s<seed> (PipelineConfig expands it)
+    group: str | None = None  # the name in the config of a student expanded from ``seeds``
     train: dict[str, Any] | None = None  # TrainConfig fields (phase 2 falls back to these)
     phase1: dict[str, Any] | None = None
     phase2: dict[str, Any] | None = None
     word_kd: dict[str, Any] | None = None  # {alpha, temperature}
-    ckd: dict[str, Any] | None = None  # {mapping, alpha, beta, temperature}
+    phase1_word_kd: dict[str, Any] | None = None  # {alpha, temperature}: a KD term in the generator phase
+    wd: dict[str, Any] | None = None  # {projections: shared|per-tensor, init: tanh|teacher}
+    own_from: str | None = None  # gated-ws: the student whose weights start W_own (trained earlier)
+    encoder_from_teacher: bool = False  # seqkd/kd/ckd: start from the teacher's encoder, copied
+    ckd: dict[str, Any] | None = None  # {mapping, alpha, beta, temperature, reduction}
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {list(METHODS)}")
+        if self.seeds is not None:
+            object.__setattr__(self, "seeds", tuple(self.seeds))
+            if not self.seeds or len(set(self.seeds)) != len(self.seeds) or self.seed is not None:
+                raise ValueError(f"seeds: give distinct seeds, and not seed as well, got {list(self.seeds)}")
+        if self.wd is not None:
+            unknown = sorted(set(self.wd) - set(WD_OPTIONS))
+            if unknown:
+                raise ValueError(f"wd: unknown options {unknown} (known: {sorted(WD_OPTIONS)})")
+            for key, value in self.wd.items():
+                if value not in WD_OPTIONS[key]:
+                    raise ValueError(f"wd.{key} must be one of {list(WD_OPTIONS[key])}, got {value!r}")
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; expected one of {list(PRESETS)}")
         if self.data not in STUDENT_DATA:
@@ -132,13 +150,27 @@ class StudentSpec:
 
     def ignored_options(self) -> list[str]:
         """Options given that this method does not read."""
-        unused = {"phase1", "phase2"} if not self.phased else set()
+        unused = {"phase1", "phase2", "phase1_word_kd", "wd"} if not self.phased else set()
         if self.method != "ckd":
             unused.add("ckd")
-        return sorted(name for name in unused if getattr(self, name) is not None)
+        if self.method != "gated-ws":
+            unused.add("own_from")
+        if self.method in ("ws", "gated-ws"):
+            unused.add("wd")
+        given = [name for name in unused if getattr(self, name) is not None]
+        if self.encoder_from_teacher and self.phased:
+            given.append("encoder_from_teacher")
+        return sorted(given)
 
     def with_seed(self, seed: int) -> StudentSpec:
         return self if self.seed is not None else dataclasses.replace(self, seed=seed)
+
+    def expand_seeds(self) -> list[StudentSpec]:
+        """One spec per seed of ``seeds``, named ``<name>-s<seed>`` (itself when there are no seeds)."""
+        if self.seeds is None:
+            return [self]
+        return [dataclasses.replace(self, name=f"{self.name}-s{seed}", seed=seed, seeds=None, group=self.name)
+                for seed in self.seeds]
 
 
 @dataclass(frozen=True)
@@ -202,12 +234,22 @@ class PipelineConfig:
         students = values.get("students") or []
         if not isinstance(students, list):
             raise ConfigError(f"{what}: students must be a list")
-        typed["students"] = tuple(
-            from_dict(StudentSpec, student, f"{what}: students[{i}]") for i, student in enumerate(students))
+        specs = [from_dict(StudentSpec, item, f"{what}: students[{i}]") for i, item in enumerate(students)]
+        if any(spec.group is not None for spec in specs):
+            raise ConfigError(f"{what}: students: group is set by seeds, not by hand")
+        typed["students"] = tuple(run for spec in specs for run in spec.expand_seeds())
         names = [student.name for student in typed["students"]]
         duplicated = sorted({name for name in names if names.count(name) > 1} | ({"teacher"} & set(names)))
         if duplicated:
             raise ConfigError(f"{what}: student names must be unique and not 'teacher': {duplicated}")
+        groups = {spec.group for spec in typed["students"]} - {None}
+        typed["students"] = tuple(  # own_from a student with seeds: its run with the same seed
+            dataclasses.replace(spec, own_from=f"{spec.own_from}-s{spec.seed}")
+            if spec.own_from in groups and spec.seed is not None else spec for spec in typed["students"])
+        for index, spec in enumerate(typed["students"]):
+            if spec.own_from is not None and spec.own_from not in names[:index]:
+                raise ConfigError(f"{what}: students.{spec.name}.own_from: {spec.own_from!r} must name a "
+                                  f"student listed before it (one of {names[:index]})")
         if "data" not in typed:
             raise ConfigError(f"{what}: a pipeline config needs a 'data' section")
         if typed["teacher"].pretrained and "vocab" in values:
@@ -217,12 +259,21 @@ class PipelineConfig:
         return cls(**typed, **scalars)
 
     def select_students(self, names: list[str]) -> PipelineConfig:
-        """This config with only the named students (in that order)."""
-        by_name = {student.name: student for student in self.students}
-        unknown = [name for name in names if name not in by_name]
+        """This config with only the named students (in that order); a name given ``seeds`` in the
+        config selects all its runs."""
+        runs: dict[str, list[StudentSpec]] = {}
+        for student in self.students:
+            runs.setdefault(student.name, []).append(student)
+            if student.group is not None:
+                runs.setdefault(student.group, []).append(student)
+        unknown = [name for name in names if name not in runs]
         if unknown:
-            raise ConfigError(f"--students: {unknown} not in the config (it has {sorted(by_name)})")
-        return dataclasses.replace(self, students=tuple(by_name[name] for name in names))
+            raise ConfigError(f"--students: {unknown} not in the config (it has {sorted(runs)})")
+        chosen: list[StudentSpec] = []
+        for student in (student for name in names for student in runs[name]):
+            if not any(student is other for other in chosen):
+                chosen.append(student)
+        return dataclasses.replace(self, students=tuple(chosen))
 
     def check_fields(self, what: str = "config") -> None:
         """The model and training fields each section passes on, checked against ``ModelConfig`` and

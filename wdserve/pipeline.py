@@ -308,10 +308,13 @@ class Pipeline:
             config = student_config(teacher_config, spec.preset, spec.model)
             log.info("student %s: method %s on %s data (%d pairs)", spec.name, spec.method, spec.data,
                      len(train_pairs))
-            path = train_student(self.rundir.checkpoint(TEACHER), spec.with_seed(self.config.seed), config,
-                                 train_pairs, valid, self.rundir.model_dir(spec.name), device=self.device)
+            own = self.rundir.checkpoint(spec.own_from) if spec.own_from else None
+            spec = spec.with_seed(self.config.seed)
+            path = train_student(self.rundir.checkpoint(TEACHER), spec, config, train_pairs, valid,
+                                 self.rundir.model_dir(spec.name), device=self.device, own_checkpoint=own)
             self.report["models"].setdefault(spec.name, {}).update(
-                {"method": spec.method, "data": spec.data, "checkpoint": str(path)}
+                {"method": spec.method, "data": spec.data, "checkpoint": str(path), "seed": spec.seed}
+                | ({"group": spec.group} if spec.group else {})
             )
 
     def stage_export(self) -> None:
@@ -363,6 +366,7 @@ class Pipeline:
             log.info("%s: BLEU %.2f chrF %.2f (%d parameters)", name, entry["test"]["bleu"],
                      entry["test"]["chrf"], entry["parameters"])
             self.write_report()
+        self.report["groups"] = seed_groups(self.report["models"])
         # The floor a trained teacher must clear: the same architecture, untrained.
         vocab = self.vocab()
         torch.manual_seed(self.config.seed)
@@ -370,6 +374,29 @@ class Pipeline:
         pairs = self.pairs("test")
         hypotheses = translate(untrained, vocab, [src for src, _ in pairs], beam_size=1)
         self.report["untrained_test_bleu"] = score(hypotheses, [ref for _, ref in pairs])["bleu"]
+
+
+def seed_groups(models: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Test BLEU and chrF over the seeds of every student given ``seeds``: mean and sample standard
+    deviation (n - 1; 0 for one run), from the ``models`` entries of report.json that have been evaluated."""
+    import statistics
+
+    runs: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, entry in models.items():
+        if entry.get("group") and "test" in entry:
+            runs.setdefault(entry["group"], {})[name] = entry
+    groups = {}
+    for group, members in runs.items():
+        summary: dict[str, Any] = {"method": next(iter(members.values()))["method"],
+                                   "seeds": [members[name].get("seed") for name in members],
+                                   "models": list(members)}
+        for metric in ("bleu", "chrf"):
+            values = [members[name]["test"][metric] for name in members]
+            summary[metric] = {"mean": round(statistics.fmean(values), 2),
+                               "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
+                               "values": values}
+        groups[group] = summary
+    return groups
 
 
 def _corpus_file(root: Path, split: str, lang: str) -> Path:

@@ -46,15 +46,18 @@ def test_word_kd_keeps_the_teacher_frozen(kit):
 @pytest.mark.parametrize(
     ("teacher_layers", "student_layers", "mode", "expected"),
     [
-        (6, 2, "regular", [[1, 2, 3], [4, 5, 6]]),
+        # 6 -> 2: the groups the authors hard-code in onmt/models/model.py _stack_internals
+        (6, 2, "regular_comb", [[1, 2, 3], [4, 5, 6]]),
         (6, 2, "overlap", [[1, 2, 3, 4], [3, 4, 5, 6]]),
-        (6, 2, "skip", [[1, 3], [4, 6]]),
-        (6, 2, "cross", [[1, 3, 5], [2, 4, 6]]),
-        (6, 3, "regular", [[1, 2], [3, 4], [5, 6]]),
+        (6, 2, "cross_comb", [[1, 3], [4, 6]]),
+        (6, 2, "skip_comb", [[1, 3, 5], [2, 4, 6]]),
+        (6, 2, "skip_middle", [[1, 2], [5, 6]]),
+        (6, 3, "regular_comb", [[1, 2], [3, 4], [5, 6]]),
         (6, 3, "overlap", [[1, 2, 3], [2, 3, 4, 5], [4, 5, 6]]),
-        (6, 3, "skip", [[1, 2], [3, 4], [5, 6]]),
-        (6, 3, "cross", [[1, 4], [2, 5], [3, 6]]),
-        (4, 1, "skip", [[1, 4]]),
+        (6, 3, "cross_comb", [[1, 2], [3, 4], [5, 6]]),
+        (6, 3, "skip_comb", [[1, 4], [2, 5], [3, 6]]),
+        (6, 3, "skip_middle", [[1], [3], [6]]),
+        (4, 1, "cross_comb", [[1, 4]]),
     ],
 )
 def test_ckd_mapping_modes_give_the_documented_groups(teacher_layers, student_layers, mode, expected):
@@ -64,11 +67,13 @@ def test_ckd_mapping_modes_give_the_documented_groups(teacher_layers, student_la
 def test_ckd_rejects_unknown_modes_and_uneven_layers():
     with pytest.raises(ValueError, match="unknown CKD mapping"):
         ckd_groups(6, 2, "diagonal")
+    with pytest.raises(ValueError, match="renamed to the authors' 'skip_comb'"):
+        ckd_groups(6, 2, "cross")
     with pytest.raises(ValueError, match="multiple"):
         ckd_groups(6, 4)
 
 
-@pytest.mark.parametrize("mode", ["regular", "cross"])
+@pytest.mark.parametrize("mode", ["regular_comb", "skip_comb"])
 def test_ckd_trains_student_and_projections(kit, mode):
     teacher = kit.teacher()
     student = Transformer(kit.config(enc_layers=2, enc_dim=16, enc_heads=2, dec_layers=1, dec_dim=16,
@@ -84,3 +89,96 @@ def test_ckd_trains_student_and_projections(kit, mode):
     before = [p.detach().clone() for p in module.projections.parameters()]
     kit.steps_lower_loss(module, CKDLoss(teacher, alpha=0.0, beta=1.0), kit.batch(), steps=2)
     assert any(not torch.equal(a, b) for a, b in zip(before, module.projections.parameters(), strict=True))
+
+
+class FixedLogits(torch.nn.Module):
+    """A "model" that returns the same logits whatever it is given."""
+
+    def __init__(self, logits: list[list[float]]) -> None:
+        super().__init__()
+        self.logits = torch.tensor([logits])  # (1, T, V)
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        return self.logits
+
+
+def test_word_kd_loss_at_temperature_2_matches_a_hand_computation():
+    """Two target positions and a padded third, vocabulary of 3, T = 2, alpha = 0.5.
+
+    Computed by hand with ``math`` (p^T = softmax(logits / 2)):
+    KL(p_t^T || p_s^T) = sum_pos sum_v p_t^T(v) (log p_t^T(v) - log p_s^T(v)) = 0.563390377650005
+    NLL(gold 1, 2) at T = 1 = 0.6489172611015374
+    loss = 0.5 * NLL + 0.5 * 2^2 * KL = 1.4512393858507786
+    The reversed KL(p_s^T || p_t^T) is 0.55397 and the KL at T = 1 is 2.0422: both fail this test.
+    """
+    from types import SimpleNamespace
+
+    student = FixedLogits([[1.0, 2.0, 0.0], [0.5, -1.0, 2.0], [9.0, -9.0, 0.0]])
+    teacher = FixedLogits([[2.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-9.0, 9.0, 0.0]])
+    batch = SimpleNamespace(src=torch.tensor([[5, 3]]), tgt_in=torch.tensor([[2, 1, 2]]),
+                            tgt_out=torch.tensor([[1, 2, 0]]))  # the third position is <pad>
+    loss, stats = WordKDLoss(teacher, alpha=0.5, temperature=2.0)(student, batch)
+    assert float(stats["kl"]) == pytest.approx(0.563390377650005, rel=1e-6)
+    assert float(stats["nll"]) == pytest.approx(0.6489172611015374, rel=1e-6)
+    assert float(loss) == pytest.approx(1.4512393858507786, rel=1e-6)
+
+
+def hand_made_states():
+    """One sentence of two source tokens (the second <pad>), three teacher layers of width 2 and
+    two student layers with groups [1, 2] and [3] (layers numbered from 1)."""
+    src = torch.tensor([[5, 0]])
+    teacher_hidden = [torch.tensor([[[1.0, 0.0], [7.0, 7.0]]]),   # layer 1
+                      torch.tensor([[[0.0, 1.0], [7.0, 7.0]]]),   # layer 2
+                      torch.tensor([[[3.0, 4.0], [7.0, 7.0]]])]   # layer 3
+    projected = [torch.tensor([[[1.0, 0.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0]]]),  # for [t1; t2]
+                 torch.tensor([[[0.0, 2.0], [5.0, 0.0]]])]                      # for t3
+    return projected, teacher_hidden, [[1, 2], [3]], src
+
+
+def test_ckd_intermediate_loss_matches_a_hand_computation():
+    """Layer 1: unit([1,0,0,0]) against unit([1,0,0,1]) = [1,0,0,1]/sqrt(2): (1 - 1/sqrt 2)^2 + 1/2
+    = 2 - sqrt 2. Layer 2: [0,1] against [0.6,0.8]: 0.36 + 0.04 = 0.4. The <pad> token counts for
+    nothing. Sum (the authors' reduction) 2.4 - sqrt 2; mean over 2 layers x 1 token, half that.
+    Comparing with the next teacher layer (t2; t3 for the first group, none for the second) fails."""
+    projected, teacher_hidden, groups, src = hand_made_states()
+    total = CKDLoss.intermediate(projected, teacher_hidden, groups, src, "sum")
+    assert float(total) == pytest.approx(2.4 - 2**0.5, rel=1e-6)
+    mean = CKDLoss.intermediate(projected, teacher_hidden, groups, src, "mean")
+    assert float(mean) == pytest.approx((2.4 - 2**0.5) / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_ckd_student_equal_to_the_teacher_has_no_intermediate_loss(kit, reduction):
+    """A student that is the teacher, with identity projections and one teacher layer per student
+    layer, matches every layer exactly: any other teacher layer would not."""
+    teacher = kit.teacher()
+    with torch.no_grad():  # distinct layers, so that a shifted layer would show
+        for p in teacher.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    twin = copy.deepcopy(teacher)
+    module = CKDStudent(twin, teacher.config.enc_dim, ckd_groups(4, 4, "regular_comb"))
+    with torch.no_grad():
+        for projection in module.projections:
+            projection.weight.copy_(torch.eye(teacher.config.enc_dim))
+            projection.bias.zero_()
+    data = kit.batch()
+    _, stats = CKDLoss(teacher, alpha=0.2, beta=0.7, reduction=reduction)(module, data)
+    assert float(stats["intermediate"]) < 1e-8
+    shifted = CKDStudent(twin, teacher.config.enc_dim, [[2], [3], [4], [1]])
+    shifted.load_state_dict(module.state_dict())
+    _, stats = CKDLoss(teacher, alpha=0.2, beta=0.7, reduction=reduction)(shifted, data)
+    assert float(stats["intermediate"]) > 0.01
+
+
+def test_ckd_sum_is_the_mean_times_layers_and_source_tokens_in_the_loss(kit):
+    """The loss's intermediate term: sum over layers and source tokens, or mean x target tokens."""
+    teacher = kit.teacher()
+    student = Transformer(kit.config(enc_layers=2, dec_layers=1))
+    module = CKDStudent(student, teacher.config.enc_dim, ckd_groups(4, 2, "regular_comb"))
+    data = kit.batch()
+    sources = int((data.src != 0).sum())
+    loss_sum, summed = CKDLoss(teacher, alpha=0.0, beta=1.0, reduction="sum")(module, data)
+    loss_mean, meaned = CKDLoss(teacher, alpha=0.0, beta=1.0, reduction="mean")(module, data)
+    assert float(loss_sum) == pytest.approx(float(summed["intermediate"]), rel=1e-6)
+    per_token = float(summed["intermediate"]) / (2 * sources)
+    assert float(loss_mean) == pytest.approx(per_token * data.n_tokens, rel=1e-5)

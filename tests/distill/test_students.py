@@ -119,6 +119,51 @@ def test_weight_distillation_runs_both_phases_and_resumes(corpus, tmp_path, capl
     assert "not training again" in caplog.text
 
 
+@pytest.mark.parametrize("method", ["wd", "gated-ws"])
+def test_phase_2_starts_from_the_folded_phase_1_best(corpus, tmp_path, method):
+    """With a learning rate of 1e-9 phase 2 cannot move: its student is the phase-1 best, folded."""
+    cfg = student_config(corpus["config"], "stu1")
+    spec = StudentSpec("student", method, phase1=FAST, phase2={**FAST, "lr": 1e-9, "max_steps": 2,
+                                                                 "eval_every": 2})
+    path = train_student(corpus["teacher"], spec, cfg, corpus["train"], corpus["valid"], tmp_path / method)
+    folded = read_checkpoint(tmp_path / method / "phase1" / "checkpoint_best.pt")["model"]
+    final = read_checkpoint(path)
+    assert final["meta"]["phase"] == 2
+    for name, tensor in folded.items():
+        torch.testing.assert_close(final["model"][name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+def test_gated_ws_starts_w_own_from_the_given_student(corpus, tmp_path):
+    cfg = student_config(corpus["config"], "stu1")
+    own = tmp_path / "own.pt"
+    model, vocab, _ = load_model(corpus["teacher"])
+    torch.manual_seed(5)
+    save_checkpoint(own, Transformer(cfg), vocab, {"name": "own"})
+    spec = StudentSpec("gated", "gated-ws", own_from="seqkd-student", phase1={**FAST, "max_steps": 1})
+    with pytest.raises(ValueError, match="own_from 'seqkd-student' needs"):
+        train_student(corpus["teacher"], spec, cfg, corpus["train"], corpus["valid"], tmp_path / "g")
+    teacher, _, _ = load_model(corpus["teacher"])
+    generator = WeightGenerator(teacher, cfg, mode="gated-ws", own=load_model(own)[0])
+    expected = read_checkpoint(own)["model"]["decoder.layers.0.ffn.fc1.weight"]
+    own_weight = generator.generators["decoder__layers__0__ffn__fc1__weight"].own.detach()
+    torch.testing.assert_close(own_weight, expected)
+
+
+@pytest.mark.parametrize("method", ["seqkd", "ckd"])
+def test_encoder_from_teacher_starts_the_student_from_the_teachers_encoder(corpus, tmp_path, method):
+    cfg = student_config(corpus["config"], "stu1")
+    spec = StudentSpec("s", method, encoder_from_teacher=True,
+                       train={**FAST, "lr": 1e-9, "max_steps": 2, "eval_every": 2})
+    path = train_student(corpus["teacher"], spec, cfg, corpus["train"], corpus["valid"], tmp_path / method)
+    teacher = read_checkpoint(corpus["teacher"])["model"]
+    student = read_checkpoint(path)
+    assert student["meta"]["encoder_from_teacher"]
+    encoder = [name for name in student["model"] if name.startswith("encoder.")]
+    assert encoder
+    for name in encoder:
+        torch.testing.assert_close(student["model"][name], teacher[name], atol=1e-6, rtol=0, msg=name)
+
+
 def test_seqkd_cache_is_reused_and_regenerated_when_the_teacher_changes(corpus, tmp_path, caplog):
     sources = [src for src, _ in corpus["train"][:6]]
     teacher = tmp_path / "teacher.pt"

@@ -160,3 +160,72 @@ def test_generator_training_lowers_the_loss(kit, mode):
     generator.train()
     first, last = kit.steps_lower_loss(generator, WordKDLoss(kit.teacher(), alpha=0.0), kit.batch())
     assert last < first * 0.8
+
+
+def projections_of(generator: WeightGenerator) -> dict[str, dict[int, torch.nn.Parameter]]:
+    return {key: {int(axis): p for axis, p in tensor.proj.items()}
+            for key, tensor in generator.generators.items()}
+
+
+def test_shared_projections_map_each_width_space_with_one_p(kit):
+    generator = WeightGenerator(kit.teacher(), kit.config(**STUDENTS["narrow-decoder"]))
+    projections = projections_of(generator)
+    spaces = {id(p): key for key, p in generator.spaces.items()}
+    assert set(generator.spaces) == {"decoder__model", "decoder__ffn"}  # the encoder keeps its widths
+    # Every P is its width space's, and every decoder tensor reading or writing the stream uses it.
+    assert all(id(p) in spaces for axes in projections.values() for p in axes.values())
+    stream = generator.spaces["decoder__model"]
+    for kind in ("self_attn__q_proj", "self_attn__k_proj", "self_attn__out_proj", "ffn__fc1"):
+        name = f"decoder__layers__0__{kind}__weight"
+        assert projections[name][1 if "out_proj" not in name else 0] is stream, name
+    assert projections["decoder__layers__0__self_attn__q_proj__bias"][0] is stream
+    assert projections["decoder__embedding__tokens__weight"] == {1: stream}
+    assert projections["decoder__layers__0__ffn__fc1__weight"][0] is generator.spaces["decoder__ffn"]
+    assert projections["decoder__layers__0__cross_attn__k_proj__weight"] == {0: stream}  # reads 32 wide
+    assert all(not axes for name, axes in projections.items() if name.startswith("encoder"))
+
+
+def test_per_tensor_projections_are_private_and_square_where_widths_agree(kit):
+    """The authors' code: one P per tensor and axis (biases included), square where widths agree."""
+    teacher = kit.teacher()
+    cfg = kit.config(**STUDENTS["narrow-decoder"])
+    generator = WeightGenerator(teacher, cfg, projections="per-tensor")
+    assert len(generator.spaces) == 0
+    projections = projections_of(generator)
+    every = [p for axes in projections.values() for p in axes.values()]
+    assert len({id(p) for p in every}) == len(every)  # nothing shared
+    student = dict(Transformer(cfg).named_parameters())
+    for key, axes in projections.items():
+        name = key.replace("__", ".")
+        expected = [1] if "embedding" in name or name == "decoder.output_proj.weight" else list(
+            range(student[name].dim()))
+        assert sorted(axes) == expected, name
+    square = projections["encoder__layers__0__self_attn__q_proj__weight"]
+    assert square[0].shape == square[1].shape == (32, 32)
+    # No longer the teacher's tensor through tanh: the square P maps it.
+    name = "encoder.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(generator.generate()[name], torch.tanh(teacher.get_parameter(name)))
+
+
+def test_teacher_init_starts_one_to_one_tensors_equal_to_the_teacher(kit):
+    teacher = kit.teacher()
+    generated = WeightGenerator(teacher, kit.config(dec_layers=1), init="teacher").generate()
+    for name in ("encoder.layers.3.ffn.fc1.weight", "encoder.final_norm.weight" if teacher.config.pre_norm
+                 else "encoder.layers.0.ffn_block.norm.weight", "encoder.embedding.tokens.weight"):
+        torch.testing.assert_close(generated[name], teacher.get_parameter(name))
+    mixed = generated["decoder.layers.0.ffn.fc1.weight"]  # k = 2: a mix, through tanh as before
+    assert not torch.allclose(mixed, teacher.get_parameter("decoder.layers.0.ffn.fc1.weight"))
+
+
+@pytest.mark.parametrize("projections", ["shared", "per-tensor"])
+def test_training_the_generator_leaves_its_teacher_copy_untouched(kit, projections):
+    """What train() optimises: every parameter that requires grad. The teacher copies are not among them."""
+    teacher = kit.teacher()
+    before = {name: p.detach().clone() for name, p in teacher.named_parameters()}
+    generator = WeightGenerator(teacher, kit.config(**STUDENTS["narrow-decoder"]), projections=projections)
+    stacks = {key: tensor.teacher.clone() for key, tensor in generator.generators.items()}
+    assert not any(name.endswith(".teacher") for name, _ in generator.named_parameters())
+    kit.steps_lower_loss(generator, WordKDLoss(kit.teacher(), alpha=0.5), kit.batch(), steps=3, lr=0.05)
+    for key, tensor in generator.generators.items():
+        assert torch.equal(tensor.teacher, stacks[key]), key
+    assert all(torch.equal(p, before[name]) for name, p in teacher.named_parameters())

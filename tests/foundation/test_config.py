@@ -79,4 +79,38 @@ def test_selecting_students_keeps_the_order_asked_and_refuses_strangers():
 
 def test_options_a_method_does_not_read_are_listed():
     assert StudentSpec("s", "seqkd", phase1={}, ckd={}).ignored_options() == ["ckd", "phase1"]
-    assert StudentSpec("s", "wd", phase1={}, train={}).ignored_options() == []
+    assert StudentSpec("s", "wd", phase1={}, train={}, wd={}, phase1_word_kd={}).ignored_options() == []
+    assert StudentSpec("s", "ws", wd={}, own_from="k", encoder_from_teacher=True).ignored_options() == [
+        "encoder_from_teacher", "own_from", "wd"]
+    assert StudentSpec("s", "gated-ws", own_from="k").ignored_options() == []
+
+
+def test_seeds_expand_into_one_student_a_seed():
+    config = PipelineConfig.from_dict({**MINIMAL, "seed": 7, "students": [
+        {"name": "kd", "method": "seqkd", "seeds": [1, 2, 3]},
+        {"name": "g", "method": "gated-ws", "seeds": [1, 2, 3], "own_from": "kd"},
+        {"name": "wd", "method": "wd"}]})
+    names = [s.name for s in config.students]
+    assert names == ["kd-s1", "kd-s2", "kd-s3", "g-s1", "g-s2", "g-s3", "wd"]
+    assert [s.with_seed(config.seed).seed for s in config.students] == [1, 2, 3, 1, 2, 3, 7]
+    assert {s.group for s in config.students} == {"kd", "g", None}
+    assert [s.own_from for s in config.students if s.group == "g"] == ["kd-s1", "kd-s2", "kd-s3"]
+    # --students takes a seeded student's name for all its runs, or one run by its own name.
+    def selected(names: list[str]) -> list[str]:
+        return [s.name for s in config.select_students(names).students]
+
+    assert selected(["wd", "kd"]) == ["wd", "kd-s1", "kd-s2", "kd-s3"]
+    assert selected(["kd-s2", "kd"]) == ["kd-s2", "kd-s1", "kd-s3"]
+
+
+@pytest.mark.parametrize("student, message", [
+    ({"name": "s", "method": "wd", "seeds": [1, 1]}, r"distinct seeds"),
+    ({"name": "s", "method": "wd", "seeds": [1], "seed": 2}, r"not seed as well"),
+    ({"name": "s", "method": "wd", "wd": {"projections": "private"}}, r"wd.projections must be one of"),
+    ({"name": "s", "method": "wd", "wd": {"proj": "shared"}}, r"wd: unknown options \['proj'\]"),
+    ({"name": "s", "method": "gated-ws", "own_from": "later"}, r"own_from: 'later' must name a student"),
+    ({"name": "s", "method": "wd", "group": "x"}, r"group is set by seeds"),
+])
+def test_student_option_mistakes_are_named(student: dict, message: str):
+    with pytest.raises(ConfigError, match=message):
+        PipelineConfig.from_dict({**MINIMAL, "students": [student, {"name": "later", "method": "seqkd"}]})

@@ -3,9 +3,11 @@
 import json
 
 import pytest
+import torch
 import yaml
 
 from wdserve.cli import main
+from wdserve.distill.checkpoint import read_checkpoint
 
 MICRO = {
     "name": "micro",
@@ -24,7 +26,7 @@ MICRO = {
         {"name": "student", "method": "wd", "preset": "stu1",
          "phase1": {"max_tokens": 1200, "lr": 0.002, "warmup_steps": 5, "max_steps": 10, "eval_every": 10},
          "phase2": {"max_tokens": 1200, "lr": 0.003, "warmup_steps": 5, "max_steps": 20, "eval_every": 20}},
-        {"name": "student-kd", "method": "seqkd", "preset": "stu1",
+        {"name": "student-kd", "method": "seqkd", "preset": "stu1", "seeds": [1, 2],
          "train": {"max_tokens": 1200, "lr": 0.003, "warmup_steps": 5, "max_steps": 30, "eval_every": 30}},
     ],
     "export": {"quantizations": ["int8", "float32"], "verify_sentences": 20},
@@ -48,7 +50,7 @@ def test_every_stage_leaves_its_files(run):
         assert (workdir / "data" / f"{split}.src").is_file()
     assert (workdir / "vocab" / "spm.model").is_file()
     assert len((workdir / "seqkd" / "train.tgt").read_text().splitlines()) == 1500
-    for name in ("teacher", "student", "student-kd"):
+    for name in ("teacher", "student", "student-kd-s1", "student-kd-s2"):
         assert (workdir / "models" / name / "checkpoint_best.pt").is_file()
         for quantization in ("int8", "float32"):
             metadata = json.loads((workdir / "export" / f"{name}-{quantization}" / "model.json").read_text())
@@ -59,14 +61,27 @@ def test_report_scores_every_model_and_the_teacher_beats_an_untrained_one(run):
     _, workdir = run
     report = json.loads((workdir / "report.json").read_text())
     models = report["models"]
-    assert set(models) == {"teacher", "student", "student-kd"}
-    assert models["student"]["method"] == "wd" and models["student-kd"]["method"] == "seqkd"
+    assert set(models) == {"teacher", "student", "student-kd-s1", "student-kd-s2"}
+    assert models["student"]["method"] == "wd" and models["student-kd-s1"]["method"] == "seqkd"
+    assert [models[f"student-kd-s{seed}"]["seed"] for seed in (1, 2)] == [1, 2]
+    assert models["student"]["seed"] == 3  # the pipeline's
     for entry in models.values():
         assert entry["test"]["bleu_signature"].startswith("nrefs:1")
         assert entry["parameters"] > 0
         assert entry["parity"]["float32_parity"] is True
     assert models["student"]["parameters"] < models["teacher"]["parameters"]
     assert models["teacher"]["test"]["bleu"] > report["untrained_test_bleu"] + 10
+    # Seeds differ, so the runs differ; the group holds their mean and standard deviation.
+    runs = [models[f"student-kd-s{seed}"]["test"]["bleu"] for seed in (1, 2)]
+    group = report["groups"]["student-kd"]
+    assert group["seeds"] == [1, 2] and group["bleu"]["values"] == runs
+    assert group["bleu"]["mean"] == pytest.approx(sum(runs) / 2, abs=0.01)
+    assert group["bleu"]["std"] == pytest.approx(abs(runs[0] - runs[1]) / 2**0.5, abs=0.01)
+    assert list(report["groups"]) == ["student-kd"]
+    first, second = (read_checkpoint(workdir / "models" / name / "checkpoint_best.pt")["model"]
+                     for name in ("student-kd-s1", "student-kd-s2"))
+    name = "decoder.layers.0.ffn.fc1.weight"
+    assert not torch.equal(first[name], second[name])
 
 
 def test_a_second_run_skips_every_finished_stage(run, caplog):

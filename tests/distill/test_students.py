@@ -45,12 +45,14 @@ def test_presets_follow_the_paper_for_a_base_teacher():
     base = ModelConfig(vocab_size=100)  # transformer-base: 6+6 layers, 512 wide, 8 heads, FFN 2048
     stu1, stu2 = student_config(base, "stu1"), student_config(base, "stu2")
     assert (stu1.enc_layers, stu1.enc_dim, stu1.enc_ffn) == (6, 512, 2048)
-    assert (stu1.dec_layers, stu1.dec_dim, stu1.dec_heads, stu1.dec_ffn) == (1, 256, 4, 1024)
+    assert (stu1.dec_layers, stu1.dec_dim, stu1.dec_heads, stu1.dec_ffn) == (1, 256, 8, 1024)  # head width 32
     assert not stu1.share_embeddings
     assert (stu2.enc_layers, stu2.dec_layers, stu2.dec_dim, stu2.dec_ffn) == (6, 2, 512, 2048)
     assert stu2.share_embeddings
     tiny = student_config(ModelConfig(vocab_size=100, **TEACHER), "stu1")
-    assert (tiny.dec_dim, tiny.dec_heads, tiny.dec_ffn, tiny.max_positions) == (16, 2, 32, 64)
+    assert (tiny.dec_dim, tiny.dec_heads, tiny.dec_ffn, tiny.max_positions) == (16, 4, 32, 64)
+    odd = student_config(ModelConfig(vocab_size=100, enc_dim=24, enc_heads=8, dec_dim=24, dec_heads=8), "stu1")
+    assert (odd.dec_dim, odd.dec_heads) == (12, 4)  # 12 does not split into 8 heads: halve them
     custom = student_config(base, {"dec_layers": 3, "dec_dim": 128, "dec_heads": 4})
     assert (custom.dec_layers, custom.dec_dim, custom.enc_layers) == (3, 128, 6)
     assert not custom.share_embeddings  # widths differ

@@ -25,8 +25,11 @@ dict accepts any ``distill.train.TrainConfig`` field):
   [phase1, phase2 (default: train), word_kd (phase 2), phase1_word_kd (phase 1),
   wd = {projections: shared|per-tensor, init: tanh|teacher} (``distill.wd``)]
 - ``ws`` / ``gated-ws``: weight squeezing / gated weight squeezing through the same generator;
-  phase 2 runs only when ``phase2`` is given. [phase1, phase2, word_kd, phase1_word_kd,
-  own_from (gated-ws: the trained student whose weights start ``W_own``; default a fresh one)]
+  phase 2 runs only when ``phase2`` is given. [phase1, phase2, word_kd, phase1_word_kd (``ws``
+  default {alpha: 0.5, temperature: 1.0}, as the squeezing paper trains it: on the tiny config, 3
+  seeds, test BLEU 55.04 +- 4.94 against 50.81 +- 8.69 without, higher on every seed; ``{alpha: 0}``
+  turns it off; ``gated-ws`` default none, not measured with it), own_from (gated-ws: the trained
+  student whose weights start ``W_own``; default a fresh one)]
 - ``ckd``: combinatorial intermediate-layer KD from scratch. [train, encoder_from_teacher,
   ckd = {mapping: regular_comb|overlap|cross_comb|skip_comb|skip_middle, alpha: 0.5, beta: 0.1,
   temperature: 1.0, reduction: mean|sum}]
@@ -199,8 +202,11 @@ def _train_phased(teacher, vocab, examples, valid_pairs, student_cfg, out_dir, m
     method = spec.method
     generator = WeightGenerator(teacher, student_cfg, mode=method, own=own, **(spec.wd or {})).to(device)
     cfg1 = train_config("phase1", "train")
+    phase1_kd = spec.phase1_word_kd
+    if phase1_kd is None and method == "ws":
+        phase1_kd = DEFAULT_WORD_KD  # the squeezing paper trains with KD (tiny config: module doc)
     phase1 = train(generator, vocab, examples, valid_pairs, cfg1, out_dir / "phase1", {**meta, "phase": 1},
-                   loss_fn=_word_kd_loss(teacher, spec.phase1_word_kd, cfg1), student_of=live_student)
+                   loss_fn=_word_kd_loss(teacher, phase1_kd, cfg1), student_of=live_student)
     final = phase1.best_path
     del generator
     if method == "wd" or spec.phase2 is not None:

@@ -51,7 +51,8 @@ def test_presets_follow_the_paper_for_a_base_teacher():
     assert stu2.share_embeddings
     tiny = student_config(ModelConfig(vocab_size=100, **TEACHER), "stu1")
     assert (tiny.dec_dim, tiny.dec_heads, tiny.dec_ffn, tiny.max_positions) == (16, 4, 32, 64)
-    odd = student_config(ModelConfig(vocab_size=100, enc_dim=24, enc_heads=8, dec_dim=24, dec_heads=8), "stu1")
+    narrow = ModelConfig(vocab_size=100, enc_dim=24, enc_heads=8, dec_dim=24, dec_heads=8)
+    odd = student_config(narrow, "stu1")
     assert (odd.dec_dim, odd.dec_heads) == (12, 4)  # 12 does not split into 8 heads: halve them
     custom = student_config(base, {"dec_layers": 3, "dec_dim": 128, "dec_heads": 4})
     assert (custom.dec_layers, custom.dec_dim, custom.enc_layers) == (3, 128, 6)
@@ -80,7 +81,7 @@ def losses(run_dir) -> list[float]:
 
 
 @pytest.mark.parametrize("method", ["seqkd", "kd", "ckd", "ws", "gated-ws"])
-def test_single_phase_methods_train_a_plain_student(corpus, tmp_path, method):
+def test_single_phase_methods_train_a_plain_student(corpus, tmp_path, method, caplog):
     cfg = student_config(corpus["config"], {"enc_layers": 2, "dec_layers": 1, "dec_dim": 16, "dec_heads": 2,
                                             "dec_ffn": 32})
     options = {"train": FAST, "phase1": FAST, "seed": 2}
@@ -88,7 +89,10 @@ def test_single_phase_methods_train_a_plain_student(corpus, tmp_path, method):
         options["ckd"] = {"mapping": "overlap", "alpha": 0.3, "beta": 0.3}
     out = tmp_path / method
     spec = StudentSpec(f"s-{method}", method, **options)
-    path = train_student(corpus["teacher"], spec, cfg, corpus["train"], corpus["valid"], out)
+    with caplog.at_level(logging.INFO):
+        path = train_student(corpus["teacher"], spec, cfg, corpus["train"], corpus["valid"], out)
+    # Word-level KD terms: kd always, ws in its generator phase by default (the squeezing paper's).
+    assert (" kl " in caplog.text) == (method in ("kd", "ws", "ckd")), method
     assert path == out / "checkpoint_best.pt"
     model, _, state = load_model(path)
     assert model.config == cfg

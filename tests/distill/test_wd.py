@@ -186,7 +186,8 @@ def test_shared_projections_map_each_width_space_with_one_p(kit):
 
 
 def test_per_tensor_projections_are_private_and_square_where_widths_agree(kit):
-    """The authors' code: one P per tensor and axis (biases included), square where widths agree."""
+    """The authors' code: one P per tensor and axis where widths differ (biases included), and on every
+    axis of a decoder layer's tensors, square where widths agree; none on encoder layers of equal width."""
     teacher = kit.teacher()
     cfg = kit.config(**STUDENTS["narrow-decoder"])
     generator = WeightGenerator(teacher, cfg, projections="per-tensor")
@@ -197,13 +198,13 @@ def test_per_tensor_projections_are_private_and_square_where_widths_agree(kit):
     student = dict(Transformer(cfg).named_parameters())
     for key, axes in projections.items():
         name = key.replace("__", ".")
-        expected = [1] if "embedding" in name or name == "decoder.output_proj.weight" else list(
-            range(student[name].dim()))
+        teacher_shape = generator.generators[key].teacher.shape[1:]
+        differ = [a for a in range(student[name].dim()) if student[name].shape[a] != teacher_shape[a]]
+        expected = list(range(student[name].dim())) if name.startswith("decoder.layers.") else differ
         assert sorted(axes) == expected, name
-    square = projections["encoder__layers__0__self_attn__q_proj__weight"]
-    assert square[0].shape == square[1].shape == (32, 32)
-    # No longer the teacher's tensor through tanh: the square P maps it.
-    name = "encoder.layers.0.self_attn.q_proj.weight"
+    square = projections["decoder__layers__0__cross_attn__k_proj__weight"]
+    assert square[0].shape == (32, 16) and square[1].shape == (32, 32)  # reads the 32-wide encoder
+    name = "encoder.layers.0.self_attn.q_proj.weight"  # k = 2, no P: a mix of two teacher layers
     assert not torch.allclose(generator.generate()[name], torch.tanh(teacher.get_parameter(name)))
 
 

@@ -14,6 +14,12 @@ Admission is all-or-nothing: a request whose sentences do not fit raises
 larger than the whole queue is admitted only when the queue is empty, so it cannot
 starve. Sentences whose deadline passes while queued are dropped with
 :class:`DeadlineExceeded` (HTTP 504) and never reach the model.
+
+A request that ends early (its client went away, its deadline passed) withdraws its
+sentences still in the queue: they free their places at once and are never
+translated; one already inside a running batch finishes, its result unused. Given its
+client's :class:`ClientWatch`, a request ends with :class:`ClientGone` as soon as the
+client leaves; the sentences it withdrew are reported to ``on_cancel``.
 """
 
 from __future__ import annotations
@@ -46,6 +52,36 @@ class DeadlineExceeded(Exception):
     """A request waited longer than its deadline."""
 
 
+class ClientGone(Exception):
+    """The request's client disconnected before its sentences were translated."""
+
+
+class ClientWatch:
+    """A client connection as the batcher sees it: ``lost()`` fails the requests waiting on it.
+
+    Whoever learns of the disconnect calls ``lost()`` (``server.protocol`` keeps one per
+    connection). The batcher registers a request by appending its list of futures to
+    ``waiting`` and removes it when the request ends: no object is allocated per request,
+    since every allocation brings the next garbage collection of the young requests closer.
+    """
+
+    __slots__ = ("waiting",)
+
+    def __init__(self) -> None:
+        self.waiting: list[list[asyncio.Future]] = []
+
+    def lost(self) -> None:
+        error = ClientGone("the client left before its sentences were translated")
+        for futures in self.waiting:
+            for future in futures:
+                if not future.done():
+                    future.set_exception(error)
+        self.waiting.clear()
+
+    def stop(self) -> None:
+        """The request is done with the watch (a watch that runs a task ends it here)."""
+
+
 @dataclass
 class SentenceResult:
     text: str
@@ -61,6 +97,8 @@ class _Item:
     deadline: float
     future: asyncio.Future = field(repr=False)
     enqueued: float = field(default_factory=time.monotonic)
+    # in the queue and counted in depth; whoever sets it False (batch, expiry, withdrawal) uncounts it
+    queued: bool = True
 
 
 @dataclass
@@ -78,7 +116,8 @@ class Batcher:
     def __init__(self, model: str, translate: TranslateFn, executor: Executor, *, max_batch_size: int = 32,
                  max_batch_tokens: int = 4096, max_wait_s: float = 0.005, queue_size: int = 256,
                  on_batch: Callable[[BatchStats], None] | None = None,
-                 on_queue: Callable[[str, int], None] | None = None):
+                 on_queue: Callable[[str, int], None] | None = None,
+                 on_cancel: Callable[[str, int], None] | None = None):
         self.model = model
         self._translate = translate
         self._executor = executor
@@ -88,14 +127,18 @@ class Batcher:
         self.queue_size = queue_size
         self._on_batch = on_batch or (lambda stats: None)
         self._on_queue = on_queue or (lambda model, depth: None)
+        self._on_cancel = on_cancel or (lambda model, sentences: None)
+        # withdrawn items stay in the deque until the collector passes them; _waiting counts the rest
         self._queue: deque[_Item] = deque()
+        self._waiting = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._last_batch_s = 0.05
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        """Sentences waiting for a batch (withdrawn ones not counted)."""
+        return self._waiting
 
     def start(self) -> None:
         if self._task is None:
@@ -110,8 +153,10 @@ class Batcher:
             self._task = None
         while self._queue:
             item = self._queue.popleft()
+            item.queued = False
             if not item.future.done():
                 item.future.set_exception(QueueFull(self.model, 1))
+        self._waiting = 0
         self._on_queue(self.model, 0)
 
     def retry_after(self) -> int:
@@ -119,34 +164,64 @@ class Batcher:
         batches = math.ceil(self.depth / self.max_batch_size)
         return max(1, math.ceil(batches * self._last_batch_s))
 
-    async def translate(self, batch: list[list[str]], beam_size: int, max_length: int,
-                        timeout_s: float) -> list[SentenceResult]:
-        """Queues every sentence of one request and waits for all of them (or raises)."""
+    async def translate(self, batch: list[list[str]], beam_size: int, max_length: int, timeout_s: float,
+                        client: ClientWatch | None = None) -> list[SentenceResult]:
+        """Queues every sentence of one request and waits for all of them (or raises).
+
+        Raises :class:`ClientGone` when ``client`` is lost first.
+        """
         if not batch:
             return []
-        if self.depth + len(batch) > self.queue_size and (self.depth or len(batch) <= self.queue_size):
+        if self._waiting + len(batch) > self.queue_size and (self._waiting or len(batch) <= self.queue_size):
             raise QueueFull(self.model, self.retry_after())
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout_s
         items = [_Item(pieces, (beam_size, max_length), deadline, loop.create_future()) for pieces in batch]
         self._queue.extend(items)
-        self._on_queue(self.model, self.depth)
+        self._waiting += len(items)
+        self._on_queue(self.model, self._waiting)
         self._wakeup.set()
         futures = [item.future for item in items]
         # a timer that fails the futures costs less than wait_for's extra future and callbacks
         timer = loop.call_later(timeout_s, self._expire, futures, timeout_s)
+        if client is not None:
+            client.waiting.append(futures)
         try:
             if len(futures) == 1:  # most requests: no gather either
                 return [await futures[0]]
             return await asyncio.gather(*futures)
+        except ClientGone:
+            self._withdraw(items, cancelled=True)
+            raise
         finally:
             timer.cancel()
-            for future in futures:  # a failed or timed-out request withdraws its other sentences
-                if not future.done():
-                    future.cancel()
+            if client is not None:
+                try:  # noqa: SIM105 (contextlib.suppress would allocate an object per request)
+                    client.waiting.remove(futures)
+                except ValueError:  # lost() has emptied the list already
+                    pass
+            self._withdraw(items, cancelled=False)
 
     def _expire(self, futures: list[asyncio.Future], timeout_s: float) -> None:
-        error = DeadlineExceeded(f"model {self.model!r} did not answer within {timeout_s:g} s")
+        self._fail(futures, DeadlineExceeded(f"model {self.model!r} did not answer within {timeout_s:g} s"))
+
+    def _withdraw(self, items: list[_Item], cancelled: bool) -> None:
+        """Takes a finished request's items out of the queue count and cancels those still pending."""
+        withdrawn = 0
+        for item in items:
+            if item.queued:
+                item.queued = False
+                withdrawn += 1
+            if not item.future.done():
+                item.future.cancel()
+        if withdrawn:
+            self._waiting -= withdrawn
+            self._on_queue(self.model, self._waiting)
+            if cancelled:
+                self._on_cancel(self.model, withdrawn)
+
+    @staticmethod
+    def _fail(futures: list[asyncio.Future], error: Exception) -> None:
         for future in futures:
             if not future.done():
                 future.set_exception(error)
@@ -160,9 +235,11 @@ class Batcher:
         kept: deque[_Item] = deque()
         while self._queue:
             item = self._queue.popleft()
-            if item.future.done():  # cancelled by its request
+            if not item.queued or item.future.done():  # withdrawn, or failed (its request withdraws it next)
                 continue
             if item.deadline <= now:
+                item.queued = False
+                self._waiting -= 1
                 item.future.set_exception(DeadlineExceeded(f"model {self.model!r}: deadline passed in queue"))
                 continue
             if key is None:
@@ -171,6 +248,7 @@ class Batcher:
             fits = (item.key == key and len(batch) < self.max_batch_size
                     and (not batch or new_longest * (len(batch) + 1) <= self.max_batch_tokens))
             if fits:
+                item.queued = False
                 batch.append(item)
                 longest = new_longest
             else:
@@ -179,25 +257,34 @@ class Batcher:
                 break
         kept.extend(self._queue)
         self._queue = kept
-        self._on_queue(self.model, self.depth)
+        self._waiting -= len(batch)
+        self._on_queue(self.model, self._waiting)
         return batch
+
+    def _oldest_waiting(self) -> _Item | None:
+        """The oldest item still waiting, after dropping withdrawn ones from the front of the queue."""
+        while self._queue and not self._queue[0].queued:
+            self._queue.popleft()
+        return self._queue[0] if self._queue else None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._queue:
+            oldest = self._oldest_waiting()
+            if oldest is None:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             # let the batch fill up, but never hold the oldest sentence longer than max_wait_s
-            wait = self._queue[0].enqueued + self.max_wait_s - time.monotonic()
-            while wait > 0 and len(self._queue) < self.max_batch_size:
+            wait = oldest.enqueued + self.max_wait_s - time.monotonic()
+            while wait > 0 and self._waiting < self.max_batch_size:
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
                 except asyncio.TimeoutError:
                     break
-                wait = self._queue[0].enqueued + self.max_wait_s - time.monotonic() if self._queue else 0
+                oldest = self._oldest_waiting()
+                wait = oldest.enqueued + self.max_wait_s - time.monotonic() if oldest else 0
             batch = self._take_batch()
             if batch:
                 await self._run_batch(loop, batch)

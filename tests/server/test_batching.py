@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from wdserve.server.batching import Batcher, BatchStats, DeadlineExceeded, QueueFull
+from wdserve.server.batching import Batcher, BatchStats, ClientGone, ClientWatch, DeadlineExceeded, QueueFull
 
 
 class FakeModel:
@@ -125,3 +125,79 @@ def test_model_error_fails_only_its_batch() -> None:
 
     results, _ = asyncio.run(with_batcher(flaky, scenario))
     assert results[0].text == "ok"
+
+
+class GatedModel(FakeModel):
+    """A FakeModel whose calls wait until the test opens the gate, so a batch stays running on cue."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.running = threading.Event()
+
+    def __call__(self, batch: list[list[str]], beam_size: int, max_length: int) -> list[tuple[str, int]]:
+        self.running.set()
+        self.gate.wait(30)
+        return super().__call__(batch, beam_size, max_length)
+
+
+def test_a_client_leaving_withdraws_its_queued_sentences_and_frees_their_places() -> None:
+    model = GatedModel()
+    cancelled: list[tuple[str, int]] = []
+    connection = ClientWatch()
+
+    async def scenario(batcher: Batcher):
+        running = asyncio.create_task(batcher.translate([["a"]], 1, 10, timeout_s=30))
+        await asyncio.to_thread(model.running.wait, 30)  # "a" is inside a batch; the queue is empty
+        leaving = asyncio.create_task(batcher.translate([["b"], ["c"], ["d"]], 1, 10, timeout_s=30,
+                                                        client=connection))
+        await asyncio.sleep(0)
+        assert batcher.depth == 3
+        connection.lost()
+        with pytest.raises(ClientGone):
+            await leaving
+        assert batcher.depth == 0 and cancelled == [("fake", 3)] and not connection.waiting
+        # the queue holds 4: the withdrawn sentences' places are free before the collector looks
+        later = asyncio.create_task(batcher.translate([["e"]] * 4, 1, 10, timeout_s=30))
+        await asyncio.sleep(0)
+        model.gate.set()
+        return await running, await later
+
+    options = {"queue_size": 4, "max_batch_size": 4, "max_wait_s": 0}
+    (first, later), _ = asyncio.run(with_batcher(model, scenario, **options,
+                                                 on_cancel=lambda name, n: cancelled.append((name, n))))
+    assert first[0].text == "A" and [r.text for r in later] == ["E"] * 4
+    assert model.calls == [(1, 1, 10), (4, 1, 10)]  # b, c and d never reached the model
+
+
+def test_a_sentence_already_running_finishes_but_its_client_is_answered_at_once() -> None:
+    model = GatedModel()
+    cancelled: list[tuple[str, int]] = []
+    connection = ClientWatch()
+
+    async def scenario(batcher: Batcher):
+        leaving = asyncio.create_task(batcher.translate([["a"]], 1, 10, timeout_s=30, client=connection))
+        await asyncio.to_thread(model.running.wait, 30)
+        connection.lost()
+        with pytest.raises(ClientGone):
+            await leaving  # while its batch still runs
+        model.gate.set()
+        return await batcher.translate([["b"]], 1, 10, timeout_s=30)
+
+    results, stats = asyncio.run(with_batcher(model, scenario, max_wait_s=0,
+                                              on_cancel=lambda name, n: cancelled.append((name, n))))
+    assert results[0].text == "B" and [s.size for s in stats] == [1, 1]
+    assert cancelled == []  # nothing was withdrawn: the running sentence was translated
+
+
+def test_a_finished_request_stops_watching_its_client() -> None:
+    connection = ClientWatch()
+
+    async def scenario(batcher: Batcher):
+        result = await batcher.translate([["a"]], 1, 10, timeout_s=30, client=connection)
+        assert not connection.waiting
+        connection.lost()  # after the answer: nothing to withdraw, nothing raised
+        return result
+
+    results, _ = asyncio.run(with_batcher(FakeModel(), scenario))
+    assert results[0].text == "A"

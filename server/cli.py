@@ -20,6 +20,8 @@ log = logging.getLogger("wdserve.serve")
 
 # flags that take a different shape from their setting
 _SPECIAL = {"models", "api_keys", "compare_models"}
+# descriptors besides connections: listening socket, model files, logs, thread pool, Python itself
+FD_RESERVE = 256
 
 
 def configure_serve(parser: argparse.ArgumentParser) -> None:
@@ -60,18 +62,44 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     return ServeSettings(**overrides)
 
 
+def ensure_file_descriptors(connections: int) -> int:
+    """Raises this process's soft open-file limit so ``connections`` fit (up to the hard limit); returns it.
+
+    Many systems start processes with a soft limit of 1024, well under the default
+    ``limit_concurrency``; past it, accept() fails and asyncio stops accepting for a second.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit to raise
+        return connections + FD_RESERVE
+    needed = connections + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return needed if soft == resource.RLIM_INFINITY else soft
+    raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+    if raised < needed:
+        log.warning("open-file limit %d (hard) is below limit_concurrency %d + %d; lower --limit-concurrency "
+                    "or raise the limit (ulimit -n)", hard, connections, FD_RESERVE)
+    return raised
+
+
 def run_serve(args: argparse.Namespace) -> None:
     import uvicorn
     from pydantic import ValidationError
 
     from wdserve.server.app import create_app, load_registry
+    from wdserve.server.protocol import guarded_protocol
 
     try:
         settings = settings_from_args(args)
     except (ValidationError, ValueError) as err:
         raise ConfigError(f"invalid settings: {err}") from err
     registry = load_registry(settings)  # ModelLoadError names the model that cannot start
+    ensure_file_descriptors(settings.limit_concurrency)
     log.info("models loaded; listening on http://%s:%d", settings.host, settings.port)
+    protocol = guarded_protocol(settings.header_timeout_s, settings.body_timeout_s, settings.max_header_bytes)
     uvicorn.run(create_app(settings, registry), host=settings.host, port=settings.port,
                 log_level=args.log_level, timeout_graceful_shutdown=settings.graceful_timeout_s,
-                access_log=False)
+                access_log=False, http=protocol, limit_concurrency=settings.limit_concurrency,
+                timeout_keep_alive=settings.keep_alive_timeout_s)

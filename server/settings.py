@@ -52,6 +52,22 @@ class ServeSettings(BaseSettings):
     graceful_timeout_s: float = Field(
         30.0, gt=0, description="on SIGTERM, how long in-flight requests may take to finish")
 
+    # -- connections: what a client may hold, and for how long
+    limit_concurrency: int = Field(
+        4096, ge=1, description="open connections plus in-flight requests beyond which a new request gets "
+                                "503 at once (uvicorn's limit_concurrency)")
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="an idle keep-alive connection is closed after this long (uvicorn's "
+                               "timeout_keep_alive)")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection is closed when a request's line and headers are not complete "
+                                "this long after it opened (first request) or after their first bytes came")
+    max_header_bytes: int = Field(
+        16384, ge=1024, description="most bytes of request line plus headers; more gets 431 and a close")
+    body_timeout_s: float = Field(
+        20.0, gt=0, description="a request body not received in full this long after its headers gets 408 "
+                                "and a close")
+
     # -- CTranslate2
     device: str = Field("cpu", description="cpu, cuda or auto")
     compute_type: str = Field("default", description="CTranslate2 compute type (default keeps the export's)")

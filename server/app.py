@@ -268,20 +268,26 @@ def add_routes(app: FastAPI, metrics: ServerMetrics) -> None:
         """``@app.post`` for a PlainRoute, on the app's own router (an included one costs a second match)."""
         def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
             app.router.add_api_route(path, endpoint, methods=["POST"], route_class_override=PlainRoute,
-                                     responses=error_responses(400, 403, 413, 415, 422, 503, 504),
+                                     responses=error_responses(400, 403, 408, 413, 415, 422, 503, 504),
                                      tags=["translate"], **options)
             return endpoint
         return register
 
     @translation_route("/translate", response_model=TranslateResponse, response_model_exclude_none=True,
                        openapi_extra=_request_body(TranslateRequest))
-    async def translate(req: TranslateBody, served: ChosenModel, state: State) -> Response:
+    async def translate(request: Request, req: TranslateBody, served: ChosenModel, state: State) -> Response:
         """Translates `q` (a string or a list of strings); LibreTranslate's request and response shape.
 
         Text with several sentences is split into sentences, translated as one batch and
-        joined back. Also accepts form-encoded bodies, as LibreTranslate does.
+        joined back. Also accepts form-encoded bodies, as LibreTranslate does. A client that
+        disconnects while waiting withdraws its sentences (counted as status 499).
         """
-        result = await service.translate(state, served, service.check_job(req, state.settings))
+        job = service.check_job(req, state.settings)
+        client = service.client_watch(request)
+        try:
+            result = await service.translate(state, served, job, client)
+        finally:
+            client.stop()
         response: dict[str, Any] = {
             "translatedText": result.texts[0] if isinstance(req.q, str) else result.texts,
             "model": result.model, "timing": result.timing()}
@@ -291,17 +297,21 @@ def add_routes(app: FastAPI, metrics: ServerMetrics) -> None:
 
     @translation_route("/translate/compare", response_model=CompareResponse,
                        openapi_extra=_request_body(CompareRequest))
-    async def compare(req: CompareBody, models: ComparedModels, state: State) -> Response:
+    async def compare(request: Request, req: CompareBody, models: ComparedModels, state: State) -> Response:
         """Translates the same input with two models (default: teacher and student), one after the other.
 
         Each result carries its own timing; the models run in turn so their times are comparable.
         """
         job = service.check_job(req, state.settings)
+        client = service.client_watch(request)
         results = []
-        for served in models:
-            result = await service.translate(state, served, job)
-            results.append({"model": result.model, "timing": result.timing(),
-                            "translatedText": result.texts[0] if isinstance(req.q, str) else result.texts})
+        try:
+            for served in models:
+                result = await service.translate(state, served, job, client)
+                texts = result.texts[0] if isinstance(req.q, str) else result.texts
+                results.append({"model": result.model, "timing": result.timing(), "translatedText": texts})
+        finally:
+            client.stop()
         return _json({"results": results})
 
     @app.get("/languages", response_model=list[Language], responses=error_responses(503), tags=["info"])

@@ -37,6 +37,9 @@ class ServerMetrics:
         self.tokens_per_second = Gauge("wdserve_tokens_per_second",
                                        "output tokens per second of the latest batch", ["model"], registry=r)
         self.sentences = Counter("wdserve_sentences", "sentences translated", ["model"], registry=r)
+        self.cancelled_sentences = Counter(
+            "wdserve_cancelled_sentences", "queued sentences withdrawn untranslated: their client left",
+            ["model"], registry=r)
         # labelled children by label values: .labels() validates and locks on every call, and
         # these run several times a request; every label set is bounded (routes, models, statuses)
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
@@ -62,6 +65,9 @@ class ServerMetrics:
         self.sentences.labels(stats.model).inc(stats.size)
         if stats.seconds > 0:
             self.tokens_per_second.labels(stats.model).set(stats.output_tokens / stats.seconds)
+
+    def observe_cancelled(self, model: str, sentences: int) -> None:
+        self.cancelled_sentences.labels(model).inc(sentences)
 
     def observe_queue(self, model: str, depth: int) -> None:
         child = self._queue_depth_children.get(model)

@@ -117,10 +117,12 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         400: "malformed JSON, invalid text (empty, over the character limit, control characters, "
              "invalid UTF-8), unknown model or unsupported language pair",
         403: "API keys are configured and the request's api_key is missing or wrong",
+        408: "the request body did not arrive within the server's body deadline (the connection is closed)",
         413: "request body larger than the server accepts",
         415: "body is neither JSON nor form-encoded",
         422: "a field has the wrong type or is out of range (too many texts, beam_size, max_length)",
-        503: "the model's queue is full (see Retry-After) or the server is not ready",
+        503: "the model's queue is full (see Retry-After), the server is not ready, or it has as many "
+             "connections and requests as it takes (plain-text body from uvicorn)",
         504: "the request waited longer than the server's request timeout",
     }
     return {status: {"model": ErrorResponse, "description": descriptions[status]} for status in statuses}

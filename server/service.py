@@ -6,6 +6,7 @@ turns it into ``{"error": "..."}``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -17,10 +18,12 @@ from urllib.parse import parse_qs
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
+from starlette.types import Receive
 
-from wdserve.server.batching import Batcher, DeadlineExceeded, QueueFull
+from wdserve.server.batching import Batcher, ClientGone, ClientWatch, DeadlineExceeded, QueueFull
 from wdserve.server.metrics import ServerMetrics
 from wdserve.server.models import ModelRegistry, ServedModel
+from wdserve.server.protocol import BODY_DEADLINE_PASSED, CLIENT_WATCH
 from wdserve.server.schemas import CompareRequest, TranslateRequest
 from wdserve.server.settings import ServeSettings
 from wdserve.server.text import TextError, check_text, join_sentences, split_sentences
@@ -28,6 +31,10 @@ from wdserve.server.text import TextError, check_text, join_sentences, split_sen
 log = logging.getLogger(__name__)
 
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
+
+# nginx's status for "client closed request": counted in the metrics, never seen by a client
+CLIENT_CLOSED_REQUEST = 499
+CLOSE = {"Connection": "close"}  # the rest of the body is not read, so the connection cannot be reused
 
 
 class ApiError(Exception):
@@ -70,19 +77,37 @@ def max_body_bytes(settings: ServeSettings) -> int:
     return settings.max_texts * settings.max_chars * 8 + 64 * 1024
 
 
+async def receive_body(request: Request, limit: int) -> bytearray:
+    """The whole body: 413 past ``limit`` bytes, 408 once its deadline passed, 499 if the client leaves.
+
+    The deadline is kept by the connection (``server.protocol``), which marks the scope and
+    wakes this loop, so a body that arrives in one piece costs no timer.
+    """
+    raw = bytearray()
+    while True:
+        message = await request.receive()
+        if message["type"] != "http.request":
+            log.debug("%s: client left before sending the whole body", request.url.path)
+            raise ApiError(CLIENT_CLOSED_REQUEST, "the client closed the connection while sending the body")
+        raw += message.get("body", b"")
+        if len(raw) > limit:
+            raise ApiError(413, f"request body is larger than the limit of {limit} bytes", CLOSE)
+        if not message.get("more_body", False):
+            return raw
+        if BODY_DEADLINE_PASSED in request.scope:
+            raise ApiError(408, f"the request body did not arrive within "
+                                f"{request.scope[BODY_DEADLINE_PASSED]:g} s of its headers", CLOSE)
+
+
 async def read_body(request: Request, limit: int) -> dict[str, Any]:
     """The body as a dict: JSON object, or form-encoded fields (LibreTranslate accepts both)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body is {declared} bytes; the limit is {limit}")
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > limit:
-            raise ApiError(413, f"request body is larger than the limit of {limit} bytes")
+        raise ApiError(413, f"request body is {declared} bytes; the limit is {limit}", CLOSE)
+    raw = await receive_body(request, limit)
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     try:
-        text = bytes(raw).decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ApiError(400, f"request body is not valid UTF-8 (byte {err.start})") from err
     if content_type == "application/x-www-form-urlencoded":
@@ -192,8 +217,43 @@ def choose_model(registry: ModelRegistry, settings: ServeSettings, name: str | N
 
 # -- translating
 
-async def translate(state: ServerState, served: ServedModel, job: Job) -> Translation:
-    """Splits every text into sentences, translates them all as one submission, joins them back."""
+class ReceiveWatch(ClientWatch):
+    """A ClientWatch for any ASGI server: a task awaits ``receive()``, whose next message after the
+    body is ``http.disconnect``, arriving when the client leaves (about 17 µs of CPU a request)."""
+
+    __slots__ = ("task",)
+
+    def __init__(self, receive: Receive) -> None:
+        super().__init__()
+        self.task = asyncio.ensure_future(receive())
+        self.task.add_done_callback(self._received)
+
+    def _received(self, task: asyncio.Future) -> None:
+        if not task.cancelled():
+            task.exception()  # retrieved: a receive() that failed means a lost client as well
+            self.lost()
+
+    def stop(self) -> None:
+        self.task.cancel()
+
+
+def client_watch(request: Request) -> ClientWatch:
+    """How the batcher learns that this request's client left; ``stop()`` it when the request ends.
+
+    ``wdserve serve``'s protocol keeps one per connection in the scope (``server.protocol``);
+    under another ASGI server a task watches ``receive()``.
+    """
+    watch = request.scope.get(CLIENT_WATCH)
+    return watch if watch is not None else ReceiveWatch(request.receive)
+
+
+async def translate(state: ServerState, served: ServedModel, job: Job,
+                    client: ClientWatch | None = None) -> Translation:
+    """Splits every text into sentences, translates them all as one submission, joins them back.
+
+    Given the request's :func:`client_watch`, a client that disconnects while its sentences wait
+    ends the request with 499 and withdraws them from the queue untranslated.
+    """
     started = time.perf_counter()
     splits = [split_sentences(text) for text in job.texts]
     pieces = [served.encode(sentence) for segments, _ in splits for sentence in segments]
@@ -207,11 +267,15 @@ async def translate(state: ServerState, served: ServedModel, job: Job) -> Transl
         max_length = min(max_length, served.max_positions)
     batcher = state.batchers[served.name]
     try:
-        results = await batcher.translate(pieces, job.beam_size, max_length, state.settings.request_timeout_s)
+        results = await batcher.translate(pieces, job.beam_size, max_length, state.settings.request_timeout_s,
+                                          client=client)
     except QueueFull as err:
         raise ApiError(503, str(err), {"Retry-After": str(err.retry_after_s)}) from err
     except DeadlineExceeded as err:
         raise ApiError(504, str(err)) from err
+    except ClientGone as err:
+        log.debug("%s: %s; its queued sentences were withdrawn", served.name, err)
+        raise ApiError(CLIENT_CLOSED_REQUEST, str(err)) from err
     except Exception as err:  # the model failed (logged by the batcher); the server goes on
         raise ApiError(500, f"model {served.name!r} failed: {type(err).__name__}: {err}") from err
     outputs = iter(result.text for result in results)
@@ -233,6 +297,7 @@ def start_batchers(state: ServerState) -> None:
             name, served.translate_texts, state.executor,
             max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
             max_wait_s=settings.max_wait_ms / 1000, queue_size=settings.queue_size,
-            on_batch=state.metrics.observe_batch, on_queue=state.metrics.observe_queue)
+            on_batch=state.metrics.observe_batch, on_queue=state.metrics.observe_queue,
+            on_cancel=state.metrics.observe_cancelled)
         batcher.start()
         state.batchers[name] = batcher

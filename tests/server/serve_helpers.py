@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
@@ -56,3 +62,53 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+START_TIMEOUT_S = 60
+
+
+class ServerProcess:
+    """``wdserve serve`` in a child process on a free loopback port, ready when the constructor returns.
+
+    Later flags win over the defaults here (``--log-level info`` overrides ``warning``); the
+    server's output goes to a file that ``log()`` reads at any time.
+    """
+
+    def __init__(self, workdir: Path, *flags: str, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "wdserve.cli", "serve", "--workdir", str(workdir),
+                   "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", *flags]
+        self._output = tempfile.TemporaryFile(mode="w+", encoding="utf-8")  # noqa: SIM115 (lives with the server)
+        self.process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=self._output,
+                                        stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited with {self.process.returncode}: {self.log()}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"server not ready within {START_TIMEOUT_S} s")
+            time.sleep(0.2)
+
+    def log(self) -> str:
+        self._output.seek(0)
+        return self._output.read()
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.url}/metrics", timeout=10).text
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode

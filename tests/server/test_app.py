@@ -429,3 +429,48 @@ async def takes_header_dependency(value: Annotated[str, Depends(header_dependenc
 def test_plain_routes_refuse_what_they_cannot_solve_when_the_app_is_built(endpoint, words: str) -> None:
     with pytest.raises(TypeError, match=words):
         FastAPI().router.add_api_route("/x", endpoint, methods=["POST"], route_class_override=PlainRoute)
+
+
+def test_under_any_asgi_server_a_client_leaving_withdraws_its_sentences(tiny_workdir: Path,
+                                                                         registry: ModelRegistry) -> None:
+    """Without wdserve serve's disconnect hook the app learns of the disconnect from receive()."""
+    settings = settings_for(tiny_workdir, max_wait_ms=30000, max_batch_size=64)
+    body = json.dumps({"q": [SENTENCE] * 3, "model": "teacher-float32"}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/translate", "raw_path": b"/translate", "query_string": b"",
+             "root_path": "",
+             "headers": [(b"host", b"wdserve"), (b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000)}
+
+    async def scenario() -> tuple[list[dict], str]:
+        app = create_app(settings, registry)
+        async with app.router.lifespan_context(app):
+            gone = asyncio.Event()
+            messages = iter([{"type": "http.request", "body": body, "more_body": False}])
+            sent: list[dict] = []
+
+            async def receive() -> dict:
+                message = next(messages, None)
+                if message is None:  # after the body, as ASGI servers do: the next message is the disconnect
+                    await gone.wait()
+                    message = {"type": "http.disconnect"}
+                return message
+
+            async def send(message: dict) -> None:
+                sent.append(message)
+
+            request = asyncio.create_task(app({**scope, "state": {}}, receive, send))
+            batcher = app.state.server.batchers["teacher-float32"]
+            while batcher.depth < 3:
+                await asyncio.sleep(0.01)
+            gone.set()
+            await asyncio.wait_for(request, 30)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://wdserve") as client:
+                return sent, (await client.get("/metrics")).text
+
+    sent, metrics = run(scenario())
+    assert sent[0]["status"] == 499
+    assert metric(metrics, "wdserve_cancelled_sentences_total", model="teacher-float32") == 3
+    assert metric(metrics, "wdserve_requests_total", route="/translate", model="teacher-float32",
+                  status="499") == 1

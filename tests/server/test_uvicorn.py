@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
 import subprocess
@@ -15,43 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from measure_batching import burst_seconds, direct_seconds
-from serve_helpers import SENTENCE, free_port, metric
-
-START_TIMEOUT_S = 60
-
-
-class ServerProcess:
-    def __init__(self, workdir: Path, *flags: str, env: dict[str, str] | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "wdserve.cli", "serve", "--workdir", str(workdir),
-                   "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", *flags]
-        self.process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if self.process.poll() is not None:
-                output = self.process.stdout.read()
-                raise AssertionError(f"server exited with {self.process.returncode}: {output}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"server not ready within {START_TIMEOUT_S} s")
-            time.sleep(0.2)
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+from serve_helpers import SENTENCE, ServerProcess, metric
 
 
 @pytest.fixture(scope="module")

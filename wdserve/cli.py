@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("wdserve.export.cli", "convert a checkpoint to CTranslate2 and verify it"),
     "serve": ("wdserve.server.cli", "serve CTranslate2 models over HTTP"),
     "bench": ("wdserve.loadtest.cli", "load-test teacher against students and write a report"),
+    "soak": ("wdserve.loadtest.soak", "hold a server at half load for a long time, with clients that leave, "
+                                      "dawdle or send garbage; report its memory and descriptors"),
 }
 
 

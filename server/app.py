@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from wdserve.server import service
-from wdserve.server.metrics import MetricsMiddleware, ServerMetrics
+from wdserve.server.metrics import NO_MODEL, MetricsMiddleware, ServerMetrics
 from wdserve.server.models import ModelRegistry, ServedModel, discover_workdir
 from wdserve.server.schemas import (
     CompareRequest,
@@ -115,6 +115,12 @@ def create_app(settings: ServeSettings | None = None, registry: ModelRegistry | 
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=API_ROUTES)
     add_error_handlers(app)
     add_routes(app, metrics)
+
+    def observe_unanswered(path: str, status: int, seconds: float) -> None:
+        """Counts a request its connection ended before the app saw it (server.protocol: 408, 431, 499)."""
+        metrics.observe_request(path if path in API_ROUTES else "other", NO_MODEL, status, seconds)
+
+    app.state.observe_unanswered = observe_unanswered
     return app
 
 

@@ -98,8 +98,10 @@ def run_serve(args: argparse.Namespace) -> None:
     registry = load_registry(settings)  # ModelLoadError names the model that cannot start
     ensure_file_descriptors(settings.limit_concurrency)
     log.info("models loaded; listening on http://%s:%d", settings.host, settings.port)
-    protocol = guarded_protocol(settings.header_timeout_s, settings.body_timeout_s, settings.max_header_bytes)
-    uvicorn.run(create_app(settings, registry), host=settings.host, port=settings.port,
+    app = create_app(settings, registry)
+    protocol = guarded_protocol(settings.header_timeout_s, settings.body_timeout_s, settings.max_header_bytes,
+                                app.state.observe_unanswered)
+    uvicorn.run(app, host=settings.host, port=settings.port,
                 log_level=args.log_level, timeout_graceful_shutdown=settings.graceful_timeout_s,
                 access_log=False, http=protocol, limit_concurrency=settings.limit_concurrency,
                 timeout_keep_alive=settings.keep_alive_timeout_s)

@@ -10,10 +10,14 @@ and one hook:
 
 - **header deadline**: a connection that has not sent a complete request line and headers
   ``header_timeout_s`` after it opened (or after the first byte of a later request) is closed;
+- **the app starts once the body is in** (nginx's request buffering), not at the headers as in
+  uvicorn: a client sending its body a byte a second costs a parser and a buffer, not a task
+  running the app. A client that asks ``Expect: 100-continue`` is started at once, as before;
 - **body deadline**: a request whose body is not in ``body_timeout_s`` after its headers gets
-  408 and a close. The protocol cannot answer for the app, so it marks the request
-  (``BODY_DEADLINE_PASSED`` in the ASGI scope) and wakes the app's pending ``receive()``;
-  ``server.service.read_body`` then answers 408 itself, counted in the metrics like any answer;
+  408 and a close, answered here and counted through ``observe`` like an answer of the app (or,
+  for an app already started, by marking the request, ``BODY_DEADLINE_PASSED`` in the ASGI
+  scope, and waking its ``receive()``: ``server.service.read_body`` then answers 408); a client
+  that leaves before its body is in is counted as 499;
 - **header size**: more than ``max_header_bytes`` of request line plus headers gets 431 and a close;
 - **disconnect hook**: ``scope[CLIENT_WATCH]`` is the connection's ``batching.ClientWatch``,
   told when the connection is lost, so the batcher withdraws the requests of a client that
@@ -31,8 +35,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from wdserve.server.batching import ClientWatch
@@ -47,18 +53,23 @@ CLIENT_WATCH = "wdserve.client_watch"
 _IDLE, _HEADERS, _BODY = "idle", "headers", "body"
 
 
-def guarded_protocol(header_timeout_s: float, body_timeout_s: float,
-                     max_header_bytes: int) -> type[HttpToolsProtocol]:
+# (path, status, seconds) of a request this protocol answered or lost before the app started
+Observe = Callable[[str, int, float], None]
+
+
+def guarded_protocol(header_timeout_s: float, body_timeout_s: float, max_header_bytes: int,
+                     observe: Observe | None = None) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol with the given deadlines and header limit (pass as ``http=``)."""
     return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), {
         "header_timeout_s": header_timeout_s, "body_timeout_s": body_timeout_s,
-        "max_header_bytes": max_header_bytes})
+        "max_header_bytes": max_header_bytes, "observe": staticmethod(observe or (lambda *_: None))})
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     header_timeout_s = 10.0
     body_timeout_s = 20.0
     max_header_bytes = 16384
+    observe: Observe = staticmethod(lambda *_: None)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -68,6 +79,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._headers_too_large = False
         self._client = ClientWatch()
+        self._headers_at = 0.0
+        # the request whose body is still on its way, and the app to start for it once it is in
+        self._held_cycle: Any = None
+        self._held_app: Any = None
 
     # -- the deadline: one timer at most, armed only while a request is incomplete
 
@@ -85,6 +100,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         cycle = self.cycle
+        if self._held_cycle is not None:
+            self._held_cycle = self._held_app = None
+            log.debug("%s: request body not complete within %g s; answering 408", self._peer(),
+                      self.body_timeout_s)
+            body = json.dumps({"error": f"the request body did not arrive within {self.body_timeout_s:g} s "
+                                        f"of its headers"}).encode()
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                 b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+            self.transport.close()
+            self.observe(self.scope["path"], 408, self.loop.time() - self._headers_at)
+            return
         if self._phase == _BODY and cycle is not None and not cycle.response_started:
             log.debug("%s: request body not complete within %g s; answering 408", self._peer(),
                       self.body_timeout_s)
@@ -108,6 +134,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._held_cycle is not None:  # left while sending the body: the app never saw the request
+            self._held_cycle = self._held_app = None
+            log.debug("%s: client left before sending the whole body", self._peer())
+            self.observe(self.scope["path"], 499, self.loop.time() - self._headers_at)
         super().connection_lost(exc)
         if self._client.waiting:
             log.debug("%s: client left with %d request(s) waiting", self._peer(), len(self._client.waiting))
@@ -138,6 +168,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._deadline is not None:
             self._disarm()
         self._phase = _BODY
+        self._headers_at = self.loop.time()
         # the headers are at most what was read for them: counted exactly only when that is too much
         read_for_them = self._earlier_header_bytes + self._read_bytes
         if read_for_them > self.max_header_bytes and self._header_bytes() > self.max_header_bytes:
@@ -150,11 +181,39 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """Request line (method and version taken as 12 bytes) plus header lines, as sent."""
         return len(self.url) + 12 + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        # the current request, its body not in yet: hold the app until it is (on_message_complete)
+        if cycle is self.cycle and self._phase == _BODY and not self.expect_100_continue:
+            self._held_cycle, self._held_app = cycle, app
+            return
+        super()._start_asgi_task(cycle, app)
+
+    def _start_held(self) -> None:
+        cycle, app = self._held_cycle, self._held_app
+        self._held_cycle = self._held_app = None
+        super()._start_asgi_task(cycle, app)
+
+    def on_body(self, body: bytes) -> None:
+        # uvicorn's on_body, except that the app is woken only to drain a full buffer (a body a byte
+        # a second would wake it every second); on_message_complete, the deadline and a lost
+        # connection wake it too. A held app starts then, or reading would stay paused.
+        cycle = self.cycle
+        if cycle.response_complete or (self.parser.should_upgrade() and self._should_upgrade()):
+            return
+        cycle.body += body
+        if len(cycle.body) > HIGH_WATER_LIMIT:
+            if self._held_cycle is cycle:
+                self._start_held()
+            self.flow.pause_reading()
+            cycle.message_event.set()
+
     def on_message_complete(self) -> None:
         if self._deadline is not None:
             self._disarm()
         self._phase = _IDLE
         super().on_message_complete()
+        if self._held_cycle is not None:
+            self._start_held()
 
     def send_400_response(self, msg: str) -> None:
         if not self._headers_too_large:
@@ -166,3 +225,4 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                              b"content-type: application/json\r\ncontent-length: %d\r\n"
                              b"connection: close\r\n\r\n%s" % (len(body), body))
         self.transport.close()
+        self.observe(self.scope.get("path", "") if self.scope else "", 431, 0.0)

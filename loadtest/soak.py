@@ -271,24 +271,25 @@ class Clients:
             self.outcomes["slow"]["connect-error"] += 1
             return
         started = time.monotonic()
-        answer = b""
+        loop = asyncio.get_running_loop()
+        interval = self.options.slow_interval_s
         sent = 0
-        while True:
-            try:
-                data = await asyncio.wait_for(reader.read(65536), self.options.slow_interval_s)
-            except asyncio.TimeoutError:
-                if sent < len(body):
-                    try:
-                        writer.write(body[sent:sent + 1])
-                    except (OSError, RuntimeError):
-                        break
-                    sent += 1
-                continue
-            except OSError:
-                break
-            if not data:
-                break
-            answer += data
+
+        def drip() -> None:  # a timer, not a task a byte: thousands of these must not load the generator
+            nonlocal sent, timer
+            if sent < len(body) and not writer.is_closing():
+                writer.write(body[sent:sent + 1])
+                sent += 1
+                timer = loop.call_later(interval, drip)
+
+        # a random phase, so that a burst's clients do not all send in the same instant every second
+        timer = loop.call_later(self.rng.uniform(0, interval), drip)
+        try:
+            answer = await reader.read()  # whatever the server says, until it closes
+        except OSError:
+            answer = b""
+        finally:
+            timer.cancel()
         self.slow_closed_s.append(time.monotonic() - started)
         self.outcomes["slow"][status_of(answer)] += 1
         close(writer)

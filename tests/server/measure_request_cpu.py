@@ -184,7 +184,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3840, help="with --instructions: requests counted")
     args = parser.parse_args()
     results: dict[str, list[float]] = {str(tree): [] for tree in args.trees}
-    unit = "instructions" if args.instructions else "µs"
+    unit = "instructions" if args.instructions else "cpu_us"
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "post.lua"
         script.write_text(WRK_SCRIPT % args.model)
@@ -199,7 +199,7 @@ def main() -> None:
                 shown = {"round": round_index, "tree": str(tree), f"{unit}_per_request": round(value, 1)}
                 print(json.dumps({**shown, **extra}), flush=True)
     for tree, values in results.items():
-        print(f"{tree:>40}  median {statistics.median(values):9.1f} {unit}  "
+        print(f"{tree:>40}  median {statistics.median(values):9.1f} {unit.replace('cpu_us', 'µs')}  "
               f"range {min(values):9.1f}-{max(values):9.1f}  ({len(values)} runs)")
 
 

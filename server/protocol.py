@@ -5,8 +5,7 @@ uvicorn closes idle keep-alive connections (``timeout_keep_alive``) and answers 
 bounds how long a client may take to send a request, nor how large its headers may grow: a
 connection that opens and sends nothing, or sends its body a byte a second, stays open for as
 long as the client likes, and 20 MB of headers are read into memory. :func:`guarded_protocol`
-returns a subclass with three guards, all on the connection, none on the request path,
-and one hook:
+returns a subclass that adds, all on the connection:
 
 - **header deadline**: a connection that has not sent a complete request line and headers
   ``header_timeout_s`` after it opened (or after the first byte of a later request) is closed;
@@ -100,31 +99,33 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         cycle = self.cycle
-        if self._held_cycle is not None:
-            self._held_cycle = self._held_app = None
-            log.debug("%s: request body not complete within %g s; answering 408", self._peer(),
-                      self.body_timeout_s)
-            body = json.dumps({"error": f"the request body did not arrive within {self.body_timeout_s:g} s "
-                                        f"of its headers"}).encode()
-            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                                 b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        if self._phase != _BODY or cycle is None or cycle.response_started:
+            log.debug("%s: closing a connection %s", self._peer(),
+                      "still sending a body" if self._phase == _BODY else "without a complete request")
             self.transport.close()
+            return
+        log.debug("%s: body not complete within %g s; answering 408", self._peer(), self.body_timeout_s)
+        if self._held_cycle is not None:  # the app never saw the request: answer and count it here
+            self._held_cycle = self._held_app = None
+            self._answer_and_close(b"408 Request Timeout", f"the request body did not arrive within "
+                                                           f"{self.body_timeout_s:g} s of its headers")
             self.observe(self.scope["path"], 408, self.loop.time() - self._headers_at)
             return
-        if self._phase == _BODY and cycle is not None and not cycle.response_started:
-            log.debug("%s: request body not complete within %g s; answering 408", self._peer(),
-                      self.body_timeout_s)
-            cycle.scope[BODY_DEADLINE_PASSED] = self.body_timeout_s  # type: ignore[literal-required]
-            cycle.keep_alive = False
-            cycle.message_event.set()  # the app's receive() returns; read_body sees the mark
-            self._arm(self.header_timeout_s)  # in case nothing is reading: close after all
-            return
-        log.debug("%s: closing a connection %s", self._peer(),
-                  "without a complete request" if self._phase != _BODY else "still sending a body")
-        self.transport.close()
+        # the app reads the body as it comes (Expect: 100-continue): mark the request, wake receive()
+        cycle.scope[BODY_DEADLINE_PASSED] = self.body_timeout_s  # type: ignore[literal-required]
+        cycle.keep_alive = False
+        cycle.message_event.set()  # read_body sees the mark and answers 408
+        self._arm(self.header_timeout_s)  # in case nothing is reading: close after all
 
     def _peer(self) -> str:
         return f"{self.client[0]}:{self.client[1]}" if self.client else "client"
+
+    def _answer_and_close(self, status: bytes, message: str) -> None:
+        """An answer from the connection itself, in the app's shape (``{"error": ...}``)."""
+        body = json.dumps({"error": message}).encode()
+        self.transport.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                             b"connection: close\r\n\r\n%s" % (status, len(body), body))
+        self.transport.close()
 
     # -- uvicorn's protocol interface and parser callbacks
 
@@ -219,10 +220,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if not self._headers_too_large:
             super().send_400_response(msg)
             return
-        body = json.dumps({"error": f"request line and headers are larger than the limit of "
-                                    f"{self.max_header_bytes} bytes"}).encode()
-        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-                             b"content-type: application/json\r\ncontent-length: %d\r\n"
-                             b"connection: close\r\n\r\n%s" % (len(body), body))
-        self.transport.close()
+        limit = self.max_header_bytes
+        self._answer_and_close(b"431 Request Header Fields Too Large",
+                               f"request line and headers are larger than the limit of {limit} bytes")
         self.observe(self.scope.get("path", "") if self.scope else "", 431, 0.0)

@@ -3,8 +3,8 @@
 Each model has one :class:`Batcher`. Requests put their sentences into a bounded
 queue (counted in sentences) and await one future per sentence. A collector task
 takes the oldest sentence, waits at most ``max_wait_s`` for company, then takes
-every queued sentence with the same decoding options (beam size, max length) up to
-``max_batch_size`` sentences and ``max_batch_tokens`` padded source tokens, and runs
+every queued sentence with the same decoding options (beam size, max length, number of
+hypotheses) up to ``max_batch_size`` sentences and ``max_batch_tokens`` padded source tokens, and runs
 the blocking CTranslate2 call in a shared thread pool. While one batch runs, the
 next one fills, so a burst of N single-sentence requests costs about N / batch size
 calls instead of N.
@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
-# (batch of source pieces, beam_size, max_length) -> (output text, output token count) per sentence
-TranslateFn = Callable[[list[list[str]], int, int], list[tuple[str, int]]]
+# (batch of source pieces, beam_size, max_length, num_hypotheses) -> per sentence: its num_hypotheses
+# output texts, best first, and the best one's token count
+TranslateFn = Callable[[list[list[str]], int, int, int], list[tuple[list[str], int]]]
 
 
 class QueueFull(Exception):
@@ -88,12 +89,13 @@ class SentenceResult:
     queued_s: float  # from submission to the start of its batch
     compute_s: float  # duration of its batch
     output_tokens: int
+    alternatives: list[str] = field(default_factory=list)  # the next best outputs, when asked for
 
 
 @dataclass
 class _Item:
     pieces: list[str]
-    key: tuple[int, int]  # (beam_size, max_length): only equal keys share a batch
+    key: tuple[int, int, int]  # (beam_size, max_length, num_hypotheses): only equal keys share a batch
     deadline: float
     future: asyncio.Future = field(repr=False)
     enqueued: float = field(default_factory=time.monotonic)
@@ -165,9 +167,10 @@ class Batcher:
         return max(1, math.ceil(batches * self._last_batch_s))
 
     async def translate(self, batch: list[list[str]], beam_size: int, max_length: int, timeout_s: float,
-                        client: ClientWatch | None = None) -> list[SentenceResult]:
+                        client: ClientWatch | None = None, num_hypotheses: int = 1) -> list[SentenceResult]:
         """Queues every sentence of one request and waits for all of them (or raises).
 
+        ``num_hypotheses`` > 1 adds the next best outputs as each result's ``alternatives``.
         Raises :class:`ClientGone` when ``client`` is lost first.
         """
         if not batch:
@@ -176,7 +179,8 @@ class Batcher:
             raise QueueFull(self.model, self.retry_after())
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout_s
-        items = [_Item(pieces, (beam_size, max_length), deadline, loop.create_future()) for pieces in batch]
+        key = (beam_size, max_length, num_hypotheses)
+        items = [_Item(pieces, key, deadline, loop.create_future()) for pieces in batch]
         self._queue.extend(items)
         self._waiting += len(items)
         self._on_queue(self.model, self._waiting)
@@ -290,11 +294,10 @@ class Batcher:
                 await self._run_batch(loop, batch)
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
-        beam_size, max_length = batch[0].key
         started = time.monotonic()
         try:
             outputs = await loop.run_in_executor(
-                self._executor, self._translate, [item.pieces for item in batch], beam_size, max_length)
+                self._executor, self._translate, [item.pieces for item in batch], *batch[0].key)
         except Exception as err:  # a model fault fails this batch's requests, not the server
             log.exception("model %s: translate_batch failed for %d sentences", self.model, len(batch))
             for item in batch:
@@ -304,9 +307,10 @@ class Batcher:
         seconds = time.monotonic() - started
         self._last_batch_s = seconds
         output_tokens = 0
-        for item, (text, tokens) in zip(batch, outputs, strict=True):
+        for item, (texts, tokens) in zip(batch, outputs, strict=True):
             output_tokens += tokens
             if not item.future.done():
-                item.future.set_result(SentenceResult(text, started - item.enqueued, seconds, tokens))
+                item.future.set_result(
+                    SentenceResult(texts[0], started - item.enqueued, seconds, tokens, texts[1:]))
         padded = len(batch) * max(len(item.pieces) + 1 for item in batch)
         self._on_batch(BatchStats(self.model, len(batch), padded, output_tokens, seconds))

@@ -22,7 +22,14 @@ from typing import Any
 
 import ctranslate2
 
-from wdserve.artifacts import ArtifactError, ExportDir, ExportInfo, OutputLimit, RunDir, translate_bounded
+from wdserve.artifacts import (
+    ArtifactError,
+    ExportDir,
+    ExportInfo,
+    OutputLimit,
+    RunDir,
+    translate_bounded_nbest,
+)
 from wdserve.errors import WdserveError
 from wdserve.pieces import Tokenizer
 
@@ -72,14 +79,21 @@ class ServedModel:
 
     def translate_pieces(self, batch: list[list[str]], beam_size: int, max_length: int) -> list[list[str]]:
         """Blocking CTranslate2 call; run it off the event loop. Outputs obey ``output_limit``."""
-        return translate_bounded(self.translator, batch, beam_size, max_length, self.output_limit,
-                                 self.tokenizer.source_end)
+        return [hypotheses[0] for hypotheses in self.translate_nbest(batch, beam_size, max_length, 1)]
 
-    def translate_texts(self, batch: list[list[str]], beam_size: int,
-                        max_length: int) -> list[tuple[str, int]]:
-        """Blocking: source pieces -> (detokenized output, output token count) per sentence."""
-        return [(self.tokenizer.decode(pieces), len(pieces))
-                for pieces in self.translate_pieces(batch, beam_size, max_length)]
+    def translate_nbest(self, batch: list[list[str]], beam_size: int, max_length: int,
+                        num_hypotheses: int) -> list[list[list[str]]]:
+        """Blocking: each sentence's ``num_hypotheses`` best outputs, best first (the beam is widened to
+        hold them, as CTranslate2 requires)."""
+        return translate_bounded_nbest(self.translator, batch, max(beam_size, num_hypotheses), max_length,
+                                       self.output_limit, self.tokenizer.source_end, num_hypotheses)
+
+    def translate_texts(self, batch: list[list[str]], beam_size: int, max_length: int,
+                        num_hypotheses: int = 1) -> list[tuple[list[str], int]]:
+        """Blocking: source pieces -> (detokenized outputs, best first; the best's token count) per
+        sentence (``server.batching.TranslateFn``)."""
+        return [([self.tokenizer.decode(pieces) for pieces in hypotheses], len(hypotheses[0]))
+                for hypotheses in self.translate_nbest(batch, beam_size, max_length, num_hypotheses)]
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -89,6 +103,7 @@ class ServedModel:
             "method": self.info.method if self.info else None,
             "quantization": self.info.quantization if self.info else None,
             "parameters": self.info.parameters if self.info else None,
+            "bleu": self.info.bleu if self.info else None,
             "path": str(self.path),
         }
 

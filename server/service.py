@@ -7,10 +7,13 @@ turns it into ``{"error": "..."}``.
 from __future__ import annotations
 
 import asyncio
+import email.parser
+import email.policy
 import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -20,7 +23,16 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.types import Receive
 
-from wdserve.server.batching import Batcher, ClientGone, ClientWatch, DeadlineExceeded, QueueFull
+from wdserve.server.batching import (
+    Batcher,
+    ClientGone,
+    ClientWatch,
+    DeadlineExceeded,
+    QueueFull,
+    SentenceResult,
+)
+from wdserve.server.detect import Detection, DetectionError, LanguageDetector
+from wdserve.server.markup import HtmlDocument, MarkupError
 from wdserve.server.metrics import ServerMetrics
 from wdserve.server.models import ModelRegistry, ServedModel
 from wdserve.server.protocol import BODY_DEADLINE_PASSED, CLIENT_WATCH
@@ -31,6 +43,7 @@ from wdserve.server.text import TextError, check_text, join_sentences, split_sen
 log = logging.getLogger(__name__)
 
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
+T = TypeVar("T")
 
 # nginx's status for "client closed request": counted in the metrics, never seen by a client
 CLIENT_CLOSED_REQUEST = 499
@@ -53,6 +66,7 @@ class ServerState:
     registry: ModelRegistry
     executor: ThreadPoolExecutor
     metrics: ServerMetrics
+    detector: LanguageDetector | None = None  # for source "auto" and /detect (server.detect)
     batchers: dict[str, Batcher] = field(default_factory=dict)
     ready: bool = False
 
@@ -64,6 +78,7 @@ class Translation:
     total_ms: float
     queue_ms: float
     translate_ms: float
+    alternatives: list[list[str]] = field(default_factory=list)  # per text, when the job asked for them
 
     def timing(self) -> dict[str, float]:
         return {"total_ms": round(self.total_ms, 3), "queue_ms": round(self.queue_ms, 3),
@@ -106,15 +121,14 @@ async def read_body(request: Request, limit: int) -> dict[str, Any]:
         raise ApiError(413, f"request body is {declared} bytes; the limit is {limit}", CLOSE)
     raw = await receive_body(request, limit)
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":  # what LibreTranslate's web frontend posts (FormData)
+        return multipart_fields(bytes(raw), request.headers["content-type"])
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ApiError(400, f"request body is not valid UTF-8 (byte {err.start})") from err
     if content_type == "application/x-www-form-urlencoded":
-        fields = parse_qs(text, keep_blank_values=True)
-        # a repeated q is a list of texts; any other repeated field keeps its last value
-        return {key: values if key == "q" and len(values) > 1 else values[-1]
-                for key, values in fields.items()}
+        return form_fields(parse_qs(text, keep_blank_values=True))
     if content_type not in ("application/json", "") and not content_type.endswith("+json"):
         raise ApiError(415, f"content type {content_type!r} is not supported; send application/json")
     try:
@@ -124,6 +138,29 @@ async def read_body(request: Request, limit: int) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(422, f"the body must be a JSON object, not {type(body).__name__}")
     return body
+
+
+def form_fields(fields: dict[str, list[str]]) -> dict[str, Any]:
+    """A repeated q is a list of texts; any other repeated field keeps its last value."""
+    return {key: values if key == "q" and len(values) > 1 else values[-1] for key, values in fields.items()}
+
+
+def multipart_fields(raw: bytes, content_type: str) -> dict[str, Any]:
+    """The text fields of a multipart/form-data body (parts that are files are not read)."""
+    try:
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + raw)
+        if not message.is_multipart():
+            raise ApiError(400, "multipart/form-data body without its boundary")
+        fields: dict[str, list[str]] = {}
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            if isinstance(name, str) and part.get_filename() is None:
+                payload = part.get_payload(decode=True) or b""
+                fields.setdefault(name, []).append(payload.decode(part.get_content_charset() or "utf-8"))
+    except (UnicodeError, LookupError, ValueError) as err:
+        raise ApiError(400, f"unreadable multipart/form-data body: {err}") from err
+    return form_fields(fields)
 
 
 def check_api_key(body: dict[str, Any], request: Request, settings: ServeSettings) -> None:
@@ -183,13 +220,51 @@ class Job:
     texts: list[str]
     beam_size: int
     max_length: int
+    alternatives: int = 0  # other translations to return from the n-best list
+    documents: list[HtmlDocument] | None = None  # format "html": each text parsed (server.markup)
+
+    @property
+    def plain_texts(self) -> list[str]:
+        """What a reader of the text sees: the texts, or the HTML documents' text nodes."""
+        if self.documents is None:
+            return self.texts
+        return [node for document in self.documents for node in document.texts]
 
 
 def check_job(req: TranslateRequest | CompareRequest, settings: ServeSettings) -> Job:
     """The request's texts, then its decoding options, checked against the server's limits."""
     texts = check_texts(req.q, settings)
     beam_size, max_length = decoding_options(req.beam_size, req.max_length, settings)
-    return Job(texts, beam_size, max_length)
+    alternatives = req.alternatives if isinstance(req, TranslateRequest) else 0
+    if not 0 <= alternatives <= settings.max_alternatives:
+        raise ApiError(422, f"alternatives: {alternatives} is out of range 0..{settings.max_alternatives}")
+    documents = None
+    if req.format == "html":
+        try:
+            documents = [HtmlDocument.parse(text) for text in texts]
+        except MarkupError as err:
+            raise ApiError(400, str(err)) from err
+    return Job(texts, beam_size, max_length, alternatives, documents)
+
+
+async def detect(state: ServerState, text: str) -> list[Detection]:
+    """Every candidate language of ``text`` with its confidence, most likely first (server.detect)."""
+    return await _detecting(state, lambda detector: detector.detect(text))
+
+
+async def detect_source(state: ServerState, job: Job) -> Detection:
+    """The served source language the job's texts are in, all together (HTML: its text nodes)."""
+    text = "\n".join(job.plain_texts)
+    return await _detecting(state, lambda detector: detector.detect_source(text))
+
+
+async def _detecting(state: ServerState, call: Callable[[LanguageDetector], T]) -> T:
+    if state.detector is None:
+        raise ApiError(400, "language detection is not set up on this server; give source explicitly")
+    try:  # a few ms for a long text: off the event loop
+        return await asyncio.to_thread(call, state.detector)
+    except DetectionError as err:
+        raise ApiError(400, str(err)) from err
 
 
 def choose_model(registry: ModelRegistry, settings: ServeSettings, name: str | None,
@@ -201,7 +276,7 @@ def choose_model(registry: ModelRegistry, settings: ServeSettings, name: str | N
             raise ApiError(400, f"unknown model {name!r}; served: {', '.join(registry.names())}")
         if not served.supports(source, target):
             raise ApiError(400, f"model {served.name!r} translates {served.source_lang} -> "
-                                f"{served.target_lang}, not {source} -> {target}")
+                                f"{served.target_lang}, not {source or 'any'} -> {target or 'any'}")
         return served
     default = registry.resolve(settings.default_model)
     # after the default: models an alias points at (the preferred variants), then the rest
@@ -212,7 +287,8 @@ def choose_model(registry: ModelRegistry, settings: ServeSettings, name: str | N
         if served.supports(source, target):
             return served
     pairs = ", ".join(f"{s} -> {t}" for s, t in sorted(registry.pairs())) or "none"
-    raise ApiError(400, f"no served model translates {source} -> {target}; served pairs: {pairs}")
+    raise ApiError(400, f"no served model translates {source or 'any'} -> {target or 'any'}; "
+                        f"served pairs: {pairs}")
 
 
 # -- translating
@@ -251,11 +327,12 @@ async def translate(state: ServerState, served: ServedModel, job: Job,
                     client: ClientWatch | None = None) -> Translation:
     """Splits every text into sentences, translates them all as one submission, joins them back.
 
-    Given the request's :func:`client_watch`, a client that disconnects while its sentences wait
-    ends the request with 499 and withdraws them from the queue untranslated.
+    HTML documents are translated text node by text node, each node's sentences in the same
+    submission. Given the request's :func:`client_watch`, a client that disconnects while its
+    sentences wait ends the request with 499 and withdraws them from the queue untranslated.
     """
     started = time.perf_counter()
-    splits = [split_sentences(text) for text in job.texts]
+    splits = [split_sentences(text) for text in job.plain_texts]
     pieces = [served.encode(sentence) for segments, _ in splits for sentence in segments]
     max_length = job.max_length
     if served.max_positions:
@@ -268,7 +345,7 @@ async def translate(state: ServerState, served: ServedModel, job: Job,
     batcher = state.batchers[served.name]
     try:
         results = await batcher.translate(pieces, job.beam_size, max_length, state.settings.request_timeout_s,
-                                          client=client)
+                                          client=client, num_hypotheses=job.alternatives + 1)
     except QueueFull as err:
         raise ApiError(503, str(err), {"Retry-After": str(err.retry_after_s)}) from err
     except DeadlineExceeded as err:
@@ -278,16 +355,33 @@ async def translate(state: ServerState, served: ServedModel, job: Job,
         raise ApiError(CLIENT_CLOSED_REQUEST, str(err)) from err
     except Exception as err:  # the model failed (logged by the batcher); the server goes on
         raise ApiError(500, f"model {served.name!r} failed: {type(err).__name__}: {err}") from err
-    outputs = iter(result.text for result in results)
-    joined = [join_sentences([next(outputs) for _ in segments], separators)
-              for segments, separators in splits]
+    # rank 0: each text joined from its sentences' best outputs; rank k: from their k-th best
+    outputs = iter(results)
+    per_text = [([next(outputs) for _ in segments], separators) for segments, separators in splits]
+    ranked = [[join_sentences([_ranked_text(result, rank) for result in sentences], separators)
+               for sentences, separators in per_text] for rank in range(job.alternatives + 1)]
+    if job.documents is not None:
+        ranked = [_render_documents(job.documents, texts) for texts in ranked]
     return Translation(
         model=served.name,
-        texts=joined,
+        texts=ranked[0],
         total_ms=(time.perf_counter() - started) * 1000,
-        queue_ms=max(result.queued_s for result in results) * 1000,
-        translate_ms=max(result.compute_s for result in results) * 1000,
+        queue_ms=max((result.queued_s for result in results), default=0.0) * 1000,
+        translate_ms=max((result.compute_s for result in results), default=0.0) * 1000,
+        alternatives=[list(dict.fromkeys(text for text in others if text != best))
+                      for best, *others in zip(*ranked, strict=True)] if job.alternatives else [],
     )
+
+
+def _ranked_text(result: SentenceResult, rank: int) -> str:
+    """A sentence's output of that rank in its n-best list (its best when the list is shorter)."""
+    return result.alternatives[rank - 1] if 0 < rank <= len(result.alternatives) else result.text
+
+
+def _render_documents(documents: list[HtmlDocument], node_texts: list[str]) -> list[str]:
+    """Each document with its text nodes' translations, taken in order from ``node_texts``."""
+    nodes = iter(node_texts)
+    return [document.render([next(nodes) for _ in document.texts]) for document in documents]
 
 
 def start_batchers(state: ServerState) -> None:

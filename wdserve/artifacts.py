@@ -120,6 +120,7 @@ class ExportInfo:
     checkpoint_sha256: str | None = None
     teacher_sha256: str | None = None
     exported_at: str | None = None
+    bleu: float | None = None  # test BLEU of the checkpoint, when the pipeline's evaluate stage has run
     # The SentencePiece files that cut source text and join output pieces; one file named twice is a
     # joint vocabulary. The defaults are what every export had before split vocabularies existed.
     source_vocab: str = EXPORT_VOCAB
@@ -265,23 +266,33 @@ def translate_bounded(translator: Any, batch: list[list[str]], beam_size: int, m
     ``source_end`` goes after every source's pieces when the model does not append ``</s>``
     itself (``wdserve.pieces.Tokenizer.source_end``); the limit counts ``</s>`` either way.
     """
+    return [hypotheses[0] for hypotheses in
+            translate_bounded_nbest(translator, batch, beam_size, max_length, limit, source_end)]
+
+
+def translate_bounded_nbest(translator: Any, batch: list[list[str]], beam_size: int, max_length: int,
+                            limit: OutputLimit = DEFAULT_OUTPUT_LIMIT, source_end: Sequence[str] = (),
+                            num_hypotheses: int = 1) -> list[list[list[str]]]:
+    """:func:`translate_bounded` keeping the ``num_hypotheses`` best outputs of each sentence, best
+    first (CTranslate2's n-best list; it needs ``num_hypotheses <= beam_size``). Every hypothesis
+    is held to its sentence's limit: a sentence any of whose hypotheses went past it runs again."""
     if not batch:
         return []
     limits = [limit.tokens(len(pieces), max_length) for pieces in batch]
     longest = max(limits)
     if source_end:
         batch = [[*pieces, *source_end] for pieces in batch]
-    outputs = [result.hypotheses[0] for result in translator.translate_batch(
-        batch, beam_size=beam_size, max_decoding_length=longest, num_hypotheses=1)]
+    outputs = [result.hypotheses for result in translator.translate_batch(
+        batch, beam_size=beam_size, max_decoding_length=longest, num_hypotheses=num_hypotheses)]
     again: dict[int, list[int]] = {}
-    for i, output in enumerate(outputs):
-        if limits[i] < longest and len(output) >= limits[i]:
+    for i, hypotheses in enumerate(outputs):
+        if limits[i] < longest and max(len(output) for output in hypotheses) >= limits[i]:
             again.setdefault(limits[i], []).append(i)
     for own_limit, indices in again.items():
         results = translator.translate_batch([batch[i] for i in indices], beam_size=beam_size,
-                                             max_decoding_length=own_limit, num_hypotheses=1)
+                                             max_decoding_length=own_limit, num_hypotheses=num_hypotheses)
         for i, result in zip(indices, results, strict=True):
-            outputs[i] = result.hypotheses[0]
+            outputs[i] = result.hypotheses
     return outputs
 
 

@@ -20,11 +20,15 @@ class FakeModel:
         self.delay_s = delay_s
         self.lock = threading.Lock()
 
-    def __call__(self, batch: list[list[str]], beam_size: int, max_length: int) -> list[tuple[str, int]]:
+    def __call__(self, batch: list[list[str]], beam_size: int, max_length: int,
+                 num_hypotheses: int) -> list[tuple[list[str], int]]:
         with self.lock:
             self.calls.append((len(batch), beam_size, max_length))
         time.sleep(self.delay_s)
-        return [(" ".join(pieces).upper(), len(pieces)) for pieces in batch]
+        # hypothesis k of a sentence: its pieces upper-cased, with k appended after the best (k = 0)
+        texts = [" ".join(pieces).upper() for pieces in batch]
+        return [([text] + [f"{text} {k}" for k in range(1, num_hypotheses)], len(pieces))
+                for text, pieces in zip(texts, batch, strict=True)]
 
 
 async def with_batcher(model: FakeModel, scenario, **options):
@@ -112,11 +116,11 @@ def test_deadline_in_queue_fails_fast_and_never_reaches_the_model(late: list[lis
 def test_model_error_fails_only_its_batch() -> None:
     calls = []
 
-    def flaky(batch, beam_size, max_length):
+    def flaky(batch, beam_size, max_length, num_hypotheses):
         calls.append(batch)
         if len(calls) == 1:
             raise RuntimeError("boom")
-        return [("ok", 1) for _ in batch]
+        return [(["ok"], 1) for _ in batch]
 
     async def scenario(batcher: Batcher):
         with pytest.raises(RuntimeError, match="boom"):
@@ -135,10 +139,11 @@ class GatedModel(FakeModel):
         self.gate = threading.Event()
         self.running = threading.Event()
 
-    def __call__(self, batch: list[list[str]], beam_size: int, max_length: int) -> list[tuple[str, int]]:
+    def __call__(self, batch: list[list[str]], beam_size: int, max_length: int,
+                 num_hypotheses: int) -> list[tuple[list[str], int]]:
         self.running.set()
         self.gate.wait(30)
-        return super().__call__(batch, beam_size, max_length)
+        return super().__call__(batch, beam_size, max_length, num_hypotheses)
 
 
 def test_a_client_leaving_withdraws_its_queued_sentences_and_frees_their_places() -> None:

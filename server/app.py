@@ -1,7 +1,7 @@
 """The FastAPI app: ``create_app(settings)`` builds it; thin routes, typed dependencies, ``server.service``.
 
 Run it with ``wdserve serve`` or, configured from ``WDSERVE_*`` variables only,
-``uvicorn --factory server.app:create_app``.
+``uvicorn --factory wdserve.server.app:create_app``.
 """
 
 from __future__ import annotations

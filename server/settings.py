@@ -9,6 +9,7 @@ List- and map-valued settings accept a comma-separated string in the environment
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,13 +20,38 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from wdserve.artifacts import DEFAULT_MAX_LENGTH, OutputLimit
 from wdserve.server.detect import lingua_language
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
+CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")  # -1 = no limit
+CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+
+
+def cgroup_cpu_limit() -> float | None:
+    """The CPU quota of this process's container in cores (``docker --cpus``, a Kubernetes CPU
+    limit), or None where there is none or the file cannot be read."""
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int(CGROUP_V1_QUOTA.read_text())
+        return None if quota_us <= 0 else quota_us / int(CGROUP_V1_PERIOD.read_text())
+    except (OSError, ValueError):
+        return None
+
 
 def available_cores() -> int:
-    """CPU cores this process may run on (cgroup/affinity aware where the OS tells us)."""
+    """CPU cores this process may use: the cores it may run on (affinity, cpusets), fewer when a
+    container's CPU quota allows less. A 2-CPU limit on a 64-core node is 2, not 64: threads
+    beyond the quota only wait for their turn and stretch every batch."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        cores = min(cores, math.ceil(limit))
+    return max(1, cores)
 
 
 class ServeSettings(BaseSettings):

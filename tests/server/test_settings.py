@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from wdserve.server import settings as settings_module
 from wdserve.server.cli import configure_serve, settings_from_args
-from wdserve.server.settings import ServeSettings
+from wdserve.server.settings import ServeSettings, available_cores
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -62,3 +63,49 @@ def test_thread_plan_never_oversubscribes(models: int, cores: int, inter: int, i
 
 def test_explicit_threads_are_kept() -> None:
     assert ServeSettings(inter_threads=1, intra_threads=3).thread_plan(6, 2) == (1, 3)
+
+
+def test_readme_settings_table_lists_every_setting_with_its_variable_and_default() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    table = readme.split("### Settings (flag > environment > default)", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[1].startswith("`WDSERVE_"):
+            rows[cells[1].strip("`").removeprefix("WDSERVE_").lower()] = cells
+    assert set(rows) == set(ServeSettings.model_fields), "README settings table and ServeSettings differ"
+    parser = argparse.ArgumentParser()
+    configure_serve(parser)
+    flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+    for name, field in ServeSettings.model_fields.items():
+        flag, _, default, meaning = rows[name]
+        assert flag.startswith(f"`{flags[name]}"), (name, flag)
+        value = field.get_default(call_default_factory=True)
+        if value in (None, {}, []):
+            assert default == "(none)", (name, default)
+        elif isinstance(value, list):
+            assert default == f"`{','.join(value)}`", (name, default)
+        else:
+            assert default == f"`{value}`", (name, default)
+        assert meaning, name
+
+
+@pytest.mark.parametrize(("v2", "v1_quota", "expected"), [
+    ("max 100000\n", None, None),         # cgroup v2, no limit
+    ("150000 100000\n", None, 2),         # --cpus 1.5: two threads, not one
+    ("100000 100000\n", None, 1),
+    (None, "50000", 1),                   # cgroup v1, half a core
+    (None, "-1", None),                   # cgroup v1, no limit
+    (None, None, None),                   # neither file
+])
+def test_available_cores_follows_the_container_cpu_quota(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, v2: str | None, v1_quota: str | None,
+        expected: int | None) -> None:
+    for name, text in (("cpu.max", v2), ("cpu.cfs_quota_us", v1_quota), ("cpu.cfs_period_us", "100000")):
+        if text is not None:
+            (tmp_path / name).write_text(text)
+    monkeypatch.setattr(settings_module, "CGROUP_CPU_MAX", tmp_path / "cpu.max")
+    monkeypatch.setattr(settings_module, "CGROUP_V1_QUOTA", tmp_path / "cpu.cfs_quota_us")
+    monkeypatch.setattr(settings_module, "CGROUP_V1_PERIOD", tmp_path / "cpu.cfs_period_us")
+    monkeypatch.setattr(settings_module.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert available_cores() == (8 if expected is None else expected)

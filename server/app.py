@@ -41,7 +41,7 @@ from wdserve.server.schemas import (
     TranslateResponse,
     error_responses,
 )
-from wdserve.server.service import ApiError, Job, RequestModel, ServerState
+from wdserve.server.service import ApiError, RequestModel, ServerState
 from wdserve.server.settings import OutputLimit, ServeSettings, available_cores
 
 log = logging.getLogger(__name__)
@@ -194,19 +194,11 @@ CompareBody = Annotated[CompareRequest, parsed_body(CompareRequest)]
 DetectBody = Annotated[DetectRequest, parsed_body(DetectRequest)]
 
 
-async def get_job(state: State, req: TranslateBody) -> Job:
-    """The request's texts (HTML parsed), decoding options and alternatives, checked."""
-    return service.check_job(req, state.settings)
-
-
-TranslateJob = Annotated[Job, Depends(get_job)]
-
-
 async def get_detection(state: State, req: TranslateBody) -> Detection | None:
     """With source "auto", the language the texts are in (400 when it cannot be told or is not served).
 
-    Only then are the texts checked before the model is chosen (and checked again by ``get_job``,
-    which is cheap): otherwise the model comes first, so that text errors count under it.
+    Only then are the texts checked before the model is chosen (and again by the route, which is
+    cheap beside detection): otherwise the model comes first, so that text errors count under it.
     """
     if req.source != "auto":
         return None
@@ -320,8 +312,8 @@ def add_routes(app: FastAPI, metrics: ServerMetrics, settings: ServeSettings) ->
 
     @translation_route("/translate", response_model=TranslateResponse, response_model_exclude_none=True,
                        openapi_extra=_request_body(TranslateRequest))
-    async def translate(request: Request, req: TranslateBody, served: ChosenModel, job: TranslateJob,
-                        detected: Detected, state: State) -> Response:
+    async def translate(request: Request, req: TranslateBody, served: ChosenModel, detected: Detected,
+                        state: State) -> Response:
         """Translates `q` (a string or a list of strings); LibreTranslate's request and response shape.
 
         Text with several sentences is split into sentences, translated as one batch and
@@ -329,6 +321,7 @@ def add_routes(app: FastAPI, metrics: ServerMetrics, settings: ServeSettings) ->
         form-encoded and multipart bodies, as LibreTranslate does. A client that disconnects
         while waiting withdraws its sentences (counted as status 499).
         """
+        job = service.check_job(req, state.settings)
         client = service.client_watch(request)
         try:
             result = await service.translate(state, served, job, client)

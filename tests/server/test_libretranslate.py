@@ -87,6 +87,11 @@ def test_json_and_form_clients(client: httpx.Client) -> None:
     assert form.status_code == 200 and form.json() == detect
     explicit = client.post("/translate", data={"q": GERMAN, "source": "de", "target": "en"}).json()
     assert "detectedLanguage" not in explicit and "alternatives" not in explicit
+    # HTML without a word to translate comes back as it was; the comparison takes HTML too
+    bare = '<br><img src="a.png" alt="Ein Hund">&nbsp;<hr/>'
+    assert client.post("/translate", json={"q": bare, "format": "html"}).json()["translatedText"] == bare
+    compared = client.post("/translate/compare", json={"q": f"<p>{GERMAN}</p>", "format": "html"}).json()
+    assert all(r["translatedText"].startswith("<p>") for r in compared["results"])
 
 
 @pytest.mark.parametrize(("path", "body", "status", "words"), [

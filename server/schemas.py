@@ -161,7 +161,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         403: "API keys are configured and the request's api_key is missing or wrong",
         408: "the request body did not arrive within the server's body deadline (the connection is closed)",
         413: "request body larger than the server accepts",
-        415: "body is neither JSON nor form-encoded",
+        415: "body is neither JSON nor form-encoded (urlencoded or multipart)",
         422: "a field has the wrong type or is out of range (too many texts, beam_size, max_length, "
              "alternatives)",
         503: "the model's queue is full (see Retry-After), the server is not ready, or it has as many "

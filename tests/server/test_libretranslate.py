@@ -8,13 +8,15 @@ detection rival, so detection sees real languages; translations are garbage but 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from html import escape
 from pathlib import Path
 
 import httpx
 import pytest
-from serve_helpers import ServerProcess, run, serving, settings_for
+from serve_helpers import ServerProcess, metric, run, serving, settings_for
 
 from wdserve.server.app import load_registry
+from wdserve.server.models import ModelRegistry
 from wdserve.server.schemas import TranslateResponse
 
 GERMAN = "Ein Mann fährt mit dem Fahrrad über die Brücke."
@@ -124,11 +126,18 @@ def test_huge_html_body_is_413(client: httpx.Client) -> None:
     assert answer.status_code == 413 and "limit" in answer.json()["error"]
 
 
-def test_alternatives_are_the_model_s_n_best_list(de_en_workdir: Path) -> None:
+@pytest.fixture(scope="module")
+def de_en_registry(de_en_workdir: Path) -> Iterator[ModelRegistry]:
+    loaded = load_registry(settings_for(de_en_workdir))
+    yield loaded
+    loaded.close()
+
+
+def test_alternatives_are_the_model_s_n_best_list(de_en_workdir: Path, de_en_registry: ModelRegistry) -> None:
     """In-process, against the model called directly: the response's alternatives are CTranslate2's
     hypotheses 2..N+1 of the same beam, and the beam is widened to hold them."""
     settings = settings_for(de_en_workdir, max_alternatives=3)
-    registry = load_registry(settings)
+    registry = de_en_registry
     teacher = registry.resolve("teacher")
 
     async def scenario() -> None:
@@ -146,7 +155,32 @@ def test_alternatives_are_the_model_s_n_best_list(de_en_workdir: Path) -> None:
                                                        "format": "html"})
             assert html.json()["alternatives"] == [f"<i>{text}</i>" for text in body["alternatives"]]
 
-    try:
-        run(scenario())
-    finally:
-        registry.close()
+    run(scenario())
+
+
+def test_html_text_nodes_are_translated_as_plain_text_in_one_batch(de_en_workdir: Path,
+                                                                   de_en_registry: ModelRegistry) -> None:
+    """Each text node is translated exactly as the same text sent plain, and all their sentences
+    (three, in two nodes) reach the model in one batch."""
+    settings = settings_for(de_en_workdir, max_wait_ms=50)
+    options = {"model": "teacher-int8", "beam_size": 1, "max_length": 24}
+
+    async def scenario() -> None:
+        async with serving(settings, de_en_registry) as http:
+            plain = [(await http.post("/translate", json={"q": text, **options})).json()["translatedText"]
+                     for text in (f"{GERMAN} {GERMAN_TOO}", GERMAN_TOO)]
+            before = (await http.get("/metrics")).text
+            html = await http.post("/translate", json={
+                "q": f'<div class="a">\n  <p>{GERMAN} {GERMAN_TOO}</p><br><code>x = 1</code>'
+                     f'<b title="Titel">{GERMAN_TOO}</b>&nbsp;</div>', "format": "html", **options})
+            after = (await http.get("/metrics")).text
+            assert html.status_code == 200, html.text
+            assert html.json()["translatedText"] == (
+                f'<div class="a">\n  <p>{escape(plain[0], quote=False)}</p><br><code>x = 1</code>'
+                f'<b title="Titel">{escape(plain[1], quote=False)}</b>&nbsp;</div>')
+            batches, sentences = (metric(after, f"wdserve_batch_size_{part}", model="teacher-int8")
+                                  - metric(before, f"wdserve_batch_size_{part}", model="teacher-int8")
+                                  for part in ("count", "sum"))
+            assert (batches, sentences) == (1, 3)
+
+    run(scenario())

@@ -202,7 +202,7 @@ async def get_detection(state: State, req: TranslateBody) -> Detection | None:
     """
     if req.source != "auto":
         return None
-    return await service.detect_source(state, service.check_job(req, state.settings))
+    return await service.detect_source(state, await service.check_job(req, state.settings))
 
 
 Detected = Annotated[Detection | None, Depends(get_detection)]
@@ -321,7 +321,7 @@ def add_routes(app: FastAPI, metrics: ServerMetrics, settings: ServeSettings) ->
         form-encoded and multipart bodies, as LibreTranslate does. A client that disconnects
         while waiting withdraws its sentences (counted as status 499).
         """
-        job = service.check_job(req, state.settings)
+        job = await service.check_job(req, state.settings)
         client = service.client_watch(request)
         try:
             result = await service.translate(state, served, job, client)
@@ -356,7 +356,7 @@ def add_routes(app: FastAPI, metrics: ServerMetrics, settings: ServeSettings) ->
 
         Each result carries its own timing; the models run in turn so their times are comparable.
         """
-        job = service.check_job(req, state.settings)
+        job = await service.check_job(req, state.settings)
         client = service.client_watch(request)
         results = []
         try:

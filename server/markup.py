@@ -4,8 +4,9 @@ Python's own ``html.parser`` (the tokenizer BeautifulSoup's ``html.parser`` mode
 with broken markup: unclosed tags, stray ``<``, unterminated comments) cuts the document into
 tokens. Each token's exact source span is kept, so whatever is not translated is copied from the
 input unchanged: tags with their attributes and quoting, comments, the doctype, entities, and
-the whitespace around each text node. ``HtmlDocument.parse(s).render(doc.texts) == s`` for any
-input the parser reads (a property test checks it).
+the whitespace around each text node. Rendering the untranslated texts gives back input without
+character references or a bare ``<``/``>`` in its text exactly, and any input with the same meaning
+(a property test checks both).
 
 What is translated: each run of text between two tags, with its entities decoded for the model
 (``Tom &amp; Jerry`` is read as ``Tom & Jerry``) and ``&``, ``<``, ``>`` escaped again in the
@@ -19,6 +20,7 @@ texts), as in LibreTranslate's HTML mode.
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass
 from html.parser import HTMLParser
 
@@ -177,21 +179,24 @@ def _parts(source: str, events: list[_Event]) -> list[str | TextNode]:
     return parts
 
 
+# one character of text, or one character reference (html.unescape's forms), for _text_node
+_CHARACTER = re.compile(r"&(?:#[0-9]+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]*);?|.", re.DOTALL)
+
 
 def _text_node(raw: str, leading: str, core: str, trailing: str) -> TextNode:
     """The node with its surrounding whitespace as written in ``raw`` (``&nbsp;`` stays an entity).
 
-    The split points are searched near each end (an entity is at most 33 characters), each
-    checked by decoding both sides; where none is found the decoded whitespace is kept instead.
+    ``raw`` is cut into characters and character references (linear time, whatever the
+    whitespace); the blank ones at each end are the node's edges. The cut is checked by decoding
+    each part; where it does not reproduce the decoded text, the decoded whitespace is kept instead.
     """
-    def raw_split(decoded_head: str, decoded_tail: str, candidates: range) -> int | None:
-        return next((k for k in candidates if html.unescape(raw[:k]) == decoded_head
-                     and html.unescape(raw[k:]) == decoded_tail), None)
-
-    width = 33 * (len(leading) + len(trailing)) + 1
-    start = raw_split(leading, core + trailing, range(len(leading), min(len(raw), len(leading) + width) + 1))
-    end = raw_split(leading + core, trailing,
-                    range(len(raw) - len(trailing), max(-1, len(raw) - len(trailing) - width), -1))
-    if start is None or end is None or start > end:
+    tokens = [match.group() for match in _CHARACTER.finditer(raw)]
+    blank = [not html.unescape(token).strip() for token in tokens]
+    head = next(i for i, is_blank in enumerate(blank) if not is_blank)
+    tail = next(i for i, is_blank in enumerate(reversed(blank)) if not is_blank)
+    start = sum(len(token) for token in tokens[:head])
+    end = len(raw) - sum(len(token) for token in tokens[len(tokens) - tail:])
+    if (html.unescape(raw[:start]), html.unescape(raw[start:end]), html.unescape(raw[end:])) != (
+            leading, core, trailing):
         return TextNode(leading, core, trailing)
     return TextNode(raw[:start], core, raw[end:])

@@ -231,8 +231,11 @@ class Job:
         return [node for document in self.documents for node in document.texts]
 
 
-def check_job(req: TranslateRequest | CompareRequest, settings: ServeSettings) -> Job:
-    """The request's texts, then its decoding options, checked against the server's limits."""
+async def check_job(req: TranslateRequest | CompareRequest, settings: ServeSettings) -> Job:
+    """The request's texts, then its decoding options, checked against the server's limits.
+
+    HTML is parsed off the event loop: dense markup costs about 2 µs of CPU a character.
+    """
     texts = check_texts(req.q, settings)
     beam_size, max_length = decoding_options(req.beam_size, req.max_length, settings)
     alternatives = req.alternatives if isinstance(req, TranslateRequest) else 0
@@ -241,7 +244,7 @@ def check_job(req: TranslateRequest | CompareRequest, settings: ServeSettings) -
     documents = None
     if req.format == "html":
         try:
-            documents = [HtmlDocument.parse(text) for text in texts]
+            documents = await asyncio.to_thread(lambda: [HtmlDocument.parse(text) for text in texts])
         except MarkupError as err:
             raise ApiError(400, str(err)) from err
     return Job(texts, beam_size, max_length, alternatives, documents)

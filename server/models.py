@@ -22,7 +22,15 @@ from typing import Any
 
 import ctranslate2
 
-from wdserve.artifacts import ArtifactError, ExportDir, ExportInfo, OutputLimit, RunDir, translate_bounded
+from wdserve.artifacts import (
+    ArtifactError,
+    ExportDir,
+    ExportInfo,
+    Hypothesis,
+    OutputLimit,
+    RunDir,
+    decode_bounded,
+)
 from wdserve.errors import WdserveError
 from wdserve.pieces import Tokenizer
 
@@ -72,14 +80,20 @@ class ServedModel:
 
     def translate_pieces(self, batch: list[list[str]], beam_size: int, max_length: int) -> list[list[str]]:
         """Blocking CTranslate2 call; run it off the event loop. Outputs obey ``output_limit``."""
-        return translate_bounded(self.translator, batch, beam_size, max_length, self.output_limit,
-                                 self.tokenizer.source_end)
+        return [output.tokens for output in self.decode(batch, beam_size, max_length)]
 
-    def translate_texts(self, batch: list[list[str]], beam_size: int,
-                        max_length: int) -> list[tuple[str, int]]:
-        """Blocking: source pieces -> (detokenized output, output token count) per sentence."""
-        return [(self.tokenizer.decode(pieces), len(pieces))
-                for pieces in self.translate_pieces(batch, beam_size, max_length)]
+    def decode(self, batch: list[list[str]], beam_size: int, max_length: int,
+               return_scores: bool = False) -> list[Hypothesis]:
+        """Blocking: output pieces and, with ``return_scores``, their mean token log-probability."""
+        return decode_bounded(self.translator, batch, beam_size, max_length, self.output_limit,
+                              self.tokenizer.source_end, return_scores)
+
+    def translate_texts(self, batch: list[list[str]], beam_size: int, max_length: int,
+                        return_scores: bool = False) -> list[tuple[str, int, float | None]]:
+        """Blocking: source pieces -> (detokenized output, output token count, mean token log-probability
+        or None without ``return_scores``) per sentence."""
+        return [(self.tokenizer.decode(output.tokens), len(output.tokens), output.log_prob)
+                for output in self.decode(batch, beam_size, max_length, return_scores)]
 
     def describe(self) -> dict[str, Any]:
         return {

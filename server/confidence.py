@@ -21,9 +21,10 @@ fluent hallucination scores high), and scores are comparable only between output
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from wdserve.server.service import Sentence, Translation
+if TYPE_CHECKING:  # service imports this module
+    from wdserve.server.service import Sentence, Translation
 
 DIGITS = 4  # confidences are rounded to this many decimals in responses
 

@@ -89,11 +89,14 @@ class ServedModel:
                               self.tokenizer.source_end, return_scores)
 
     def translate_texts(self, batch: list[list[str]], beam_size: int, max_length: int,
-                        return_scores: bool = False) -> list[tuple[str, int, float | None]]:
-        """Blocking: source pieces -> (detokenized output, output token count, mean token log-probability
-        or None without ``return_scores``) per sentence."""
-        return [(self.tokenizer.decode(output.tokens), len(output.tokens), output.log_prob)
-                for output in self.decode(batch, beam_size, max_length, return_scores)]
+                        return_scores: bool = False) -> list[tuple]:
+        """Blocking: source pieces -> (detokenized output, output token count) per sentence, and with
+        ``return_scores`` a third element, the output's mean token log-probability (the batcher's
+        ``TranslateFn``)."""
+        outputs = self.decode(batch, beam_size, max_length, return_scores)
+        if return_scores:
+            return [(self.tokenizer.decode(o.tokens), len(o.tokens), o.log_prob) for o in outputs]
+        return [(self.tokenizer.decode(o.tokens), len(o.tokens)) for o in outputs]
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -28,6 +28,7 @@ from wdserve.server.batching import (
     QueueFull,
     SentenceResult,
 )
+from wdserve.server.confidence import confidence
 from wdserve.server.metrics import ServerMetrics
 from wdserve.server.models import ModelRegistry, ServedModel
 from wdserve.server.protocol import BODY_DEADLINE_PASSED, CLIENT_WATCH
@@ -364,6 +365,8 @@ async def translate(state: ServerState, served: ServedModel | Cascade, job: Job,
     sources = split.sentences
     pieces, max_length = encode_sentences(served, sources, job.max_length)
     results = await translate_sentences(state, served, pieces, job, max_length, client, job.confidence)
+    if job.confidence:
+        state.metrics.observe_confidence(served.name, [confidence(result.log_prob) for result in results])
     sentences = [Sentence(source, result.text, served.name, result.output_tokens, result.log_prob)
                  for source, result in zip(sources, results, strict=True)]
     return assemble(served.name, split, sentences, started, results)

@@ -315,14 +315,16 @@ def translate_bounded(translator: Any, batch: list[list[str]], beam_size: int, m
 def translate_corpus(translator: Any, sources: Sequence[list[str]], beam_size: int, batch_size: int,
                      max_length: int = DEFAULT_MAX_LENGTH, limit: OutputLimit = DEFAULT_OUTPUT_LIMIT,
                      max_positions: int | None = None, sort_by_length: bool = True,
-                     source_end: Sequence[str] = ()) -> Iterator[tuple[list[int], list[list[str]]]]:
+                     source_end: Sequence[str] = (), return_scores: bool = False
+                     ) -> Iterator[tuple[list[int], list[Any]]]:
     """Pieces in, pieces out, ``batch_size`` sentences at a time, decoded as the server decodes a
     request: each sentence held to ``limit``, the call to ``max_length`` and both to the model's
     ``max_positions`` (longer sources are cut to fit, where the server refuses them), with
     ``source_end`` as in ``translate_bounded``.
 
     Yields ``(indices, outputs)`` per batch so callers can report progress; batches hold sentences
-    of similar length unless ``sort_by_length`` is False (then they come in the given order).
+    of similar length unless ``sort_by_length`` is False (then they come in the given order). The
+    outputs are pieces, or with ``return_scores`` ``Hypothesis`` tuples (pieces and score).
     """
     if max_positions:
         max_length = min(max_length, max_positions)
@@ -331,5 +333,6 @@ def translate_corpus(translator: Any, sources: Sequence[list[str]], beam_size: i
         else list(range(len(sources)))
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
-        yield indices, translate_bounded(translator, [sources[i] for i in indices], beam_size, max_length,
-                                         limit, source_end)
+        outputs = decode_bounded(translator, [sources[i] for i in indices], beam_size, max_length, limit,
+                                 source_end, return_scores)
+        yield indices, outputs if return_scores else [output.tokens for output in outputs]

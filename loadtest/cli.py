@@ -128,7 +128,7 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
                         help="the cascade's student (default: the first weight-distilled student benched)")
     parser.add_argument("--cascade-thresholds", type=_thresholds, default=None,
                         help="comma-separated confidence thresholds of the cascade (default: the student's "
-                             "confidences that send 10, 25, 50, 75%% of the test sentences to the teacher)")
+                             "confidences that send 5, 10, 15, 20, 30, 50%% of the sentences to the teacher)")
     parser.add_argument("--server-timeout", type=_positive_float, default=180.0,
                         help="seconds to wait for /ready (default 180)")
     parser.add_argument("--server-arg", dest="server_args", action="append", default=[],

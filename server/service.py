@@ -318,14 +318,13 @@ def encode_sentences(served: ServedModel, sentences: list[str],
 
 
 async def translate_sentences(state: ServerState, served: ServedModel, pieces: list[list[str]], job: Job,
-                              max_length: int, client: ClientWatch | None, scores: bool,
-                              timeout_s: float | None = None) -> list[SentenceResult]:
+                              max_length: int, client: ClientWatch | None,
+                              scores: bool) -> list[SentenceResult]:
     """Sentences through ``served``'s batcher; its refusals and failures become ApiErrors."""
     batcher = state.batchers[served.name]
-    timeout_s = state.settings.request_timeout_s if timeout_s is None else timeout_s
     try:
-        return await batcher.translate(pieces, job.beam_size, max_length, timeout_s, client=client,
-                                       scores=scores)
+        return await batcher.translate(pieces, job.beam_size, max_length, state.settings.request_timeout_s,
+                                       client=client, scores=scores)
     except QueueFull as err:
         raise ApiError(503, str(err), {"Retry-After": str(err.retry_after_s)}) from err
     except DeadlineExceeded as err:

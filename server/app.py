@@ -23,6 +23,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from wdserve.server import service
+from wdserve.server.cascade import Cascade, build_cascades, choose_cascade
+from wdserve.server.confidence import response_fields
 from wdserve.server.metrics import NO_MODEL, MetricsMiddleware, ServerMetrics
 from wdserve.server.models import ModelRegistry, ServedModel, discover_workdir
 from wdserve.server.schemas import (
@@ -38,6 +40,7 @@ from wdserve.server.schemas import (
 )
 from wdserve.server.service import ApiError, RequestModel, ServerState
 from wdserve.server.settings import OutputLimit, ServeSettings, available_cores
+from wdserve.server.shadow import build_shadow, reference_model
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,13 @@ def load_registry(settings: ServeSettings) -> ModelRegistry:
                               settings.prefer_quantization, limit)
 
 
+def check_serving_plan(settings: ServeSettings, registry: ModelRegistry) -> None:
+    """Raises ConfigError, before the server starts, when a cascade or the shadow reference names a model
+    that is not served."""
+    build_cascades(settings, registry)
+    reference_model(settings, registry)
+
+
 def _request_body(model: type) -> dict[str, Any]:
     schema = model.model_json_schema()
     return {"requestBody": {"required": True, "content": {
@@ -87,8 +97,11 @@ def create_app(settings: ServeSettings | None = None, registry: ModelRegistry | 
         loaded = registry or load_registry(settings)
         inter, _ = settings.thread_plan(len(loaded.models))
         executor = ThreadPoolExecutor(max_workers=inter, thread_name_prefix="translate")
-        state = ServerState(settings, loaded, executor, metrics)
+        state = ServerState(settings, loaded, executor, metrics, cascades=build_cascades(settings, loaded))
         service.start_batchers(state)
+        state.shadow = build_shadow(settings, loaded, state.batchers, metrics)
+        if state.shadow is not None:
+            state.shadow.start()
         state.ready = True
         app.state.server = state
         log.info("serving %s (aliases: %s)", ", ".join(sorted(loaded.models)),
@@ -98,6 +111,8 @@ def create_app(settings: ServeSettings | None = None, registry: ModelRegistry | 
         finally:
             # uvicorn gets here after in-flight requests finished (or graceful_timeout_s passed)
             state.ready = False
+            if state.shadow is not None:
+                await state.shadow.stop()
             for batcher in state.batchers.values():
                 await batcher.stop()
             executor.shutdown(wait=True)
@@ -178,14 +193,15 @@ TranslateBody = Annotated[TranslateRequest, parsed_body(TranslateRequest)]
 CompareBody = Annotated[CompareRequest, parsed_body(CompareRequest)]
 
 
-async def get_model(request: Request, state: State, req: TranslateBody) -> ServedModel:
-    """The model that translates the request, named in ``request.state`` for the metrics."""
-    served = service.choose_model(state.registry, state.settings, req.model, req.source, req.target)
+async def get_model(request: Request, state: State, req: TranslateBody) -> ServedModel | Cascade:
+    """The model (or cascade) that translates the request, named in ``request.state`` for the metrics."""
+    served = choose_cascade(state, req.model, req.source, req.target) or service.choose_model(
+        state.registry, state.settings, req.model, req.source, req.target)
     request.state.model = served.name
     return served
 
 
-ChosenModel = Annotated[ServedModel, Depends(get_model)]
+ChosenModel = Annotated[ServedModel | Cascade, Depends(get_model)]
 
 
 async def get_compared_models(request: Request, state: State, req: CompareBody) -> list[ServedModel]:
@@ -299,6 +315,10 @@ def add_routes(app: FastAPI, metrics: ServerMetrics) -> None:
             "model": result.model, "timing": result.timing()}
         if req.source == "auto" and served.source_lang:
             response["detectedLanguage"] = {"confidence": 100.0, "language": served.source_lang}
+        response.update(response_fields(result, isinstance(req.q, str), job.confidence,
+                                        job.confidence or isinstance(served, Cascade)))
+        if state.shadow is not None:
+            state.shadow.offer(served, job, result)
         return _json(response)
 
     @translation_route("/translate/compare", response_model=CompareResponse,
@@ -331,11 +351,15 @@ def add_routes(app: FastAPI, metrics: ServerMetrics) -> None:
 
     @app.get("/models", response_model=list[ModelInfo], responses=error_responses(503), tags=["info"])
     async def models(state: State) -> list[dict[str, Any]]:
-        """Every served model: name, aliases, language pair, method, quantization, parameter count."""
+        """Every served model: name, aliases, language pair, method, quantization, parameter count; then
+        every cascade; with shadowing on, each covered model's agreement with the reference."""
         default = state.registry.resolve(state.settings.default_model)
+        shadow = state.shadow.describe if state.shadow is not None else lambda name: None
         return [{**served.describe(), "aliases": state.registry.aliases_of(name),
-                 "default": default is not None and default.name == name}
-                for name, served in sorted(state.registry.models.items())]
+                 "default": default is not None and default.name == name, "shadow": shadow(name)}
+                for name, served in sorted(state.registry.models.items())] + [
+                {**cascade.describe(), "aliases": [], "default": name == state.settings.default_model}
+                for name, cascade in sorted(state.cascades.items())]
 
     @app.get("/health", response_model=Health, tags=["operations"])
     async def health() -> dict[str, str]:

@@ -36,8 +36,10 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
-# (batch of source pieces, beam_size, max_length) -> (output text, output token count) per sentence
-TranslateFn = Callable[[list[list[str]], int, int], list[tuple[str, int]]]
+# (batch of source pieces, beam_size, max_length[, return_scores=True]) -> per sentence (output text,
+# output token count[, mean token log-probability]); the fourth argument is given, and the third
+# element read, only for a batch in which some request asked for scores
+TranslateFn = Callable[..., list[tuple]]
 
 
 class QueueFull(Exception):
@@ -88,6 +90,7 @@ class SentenceResult:
     queued_s: float  # from submission to the start of its batch
     compute_s: float  # duration of its batch
     output_tokens: int
+    log_prob: float | None = None  # mean log-probability per output token, when scores were asked for
 
 
 @dataclass
@@ -99,6 +102,7 @@ class _Item:
     enqueued: float = field(default_factory=time.monotonic)
     # in the queue and counted in depth; whoever sets it False (batch, expiry, withdrawal) uncounts it
     queued: bool = True
+    scores: bool = False  # its request wants the model's score (a batch asks when any item does)
 
 
 @dataclass
@@ -165,10 +169,11 @@ class Batcher:
         return max(1, math.ceil(batches * self._last_batch_s))
 
     async def translate(self, batch: list[list[str]], beam_size: int, max_length: int, timeout_s: float,
-                        client: ClientWatch | None = None) -> list[SentenceResult]:
+                        client: ClientWatch | None = None, scores: bool = False) -> list[SentenceResult]:
         """Queues every sentence of one request and waits for all of them (or raises).
 
-        Raises :class:`ClientGone` when ``client`` is lost first.
+        Raises :class:`ClientGone` when ``client`` is lost first. With ``scores`` each result
+        carries the model's mean token log-probability (``log_prob``).
         """
         if not batch:
             return []
@@ -176,7 +181,8 @@ class Batcher:
             raise QueueFull(self.model, self.retry_after())
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout_s
-        items = [_Item(pieces, (beam_size, max_length), deadline, loop.create_future()) for pieces in batch]
+        items = [_Item(pieces, (beam_size, max_length), deadline, loop.create_future(), scores=scores)
+                 for pieces in batch]
         self._queue.extend(items)
         self._waiting += len(items)
         self._on_queue(self.model, self._waiting)
@@ -291,10 +297,12 @@ class Batcher:
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         beam_size, max_length = batch[0].key
+        scored = any(item.scores for item in batch)
+        arguments = (beam_size, max_length, True) if scored else (beam_size, max_length)
         started = time.monotonic()
         try:
             outputs = await loop.run_in_executor(
-                self._executor, self._translate, [item.pieces for item in batch], beam_size, max_length)
+                self._executor, self._translate, [item.pieces for item in batch], *arguments)
         except Exception as err:  # a model fault fails this batch's requests, not the server
             log.exception("model %s: translate_batch failed for %d sentences", self.model, len(batch))
             for item in batch:
@@ -304,9 +312,11 @@ class Batcher:
         seconds = time.monotonic() - started
         self._last_batch_s = seconds
         output_tokens = 0
-        for item, (text, tokens) in zip(batch, outputs, strict=True):
+        for item, output in zip(batch, outputs, strict=True):
+            tokens = output[1]
             output_tokens += tokens
             if not item.future.done():
-                item.future.set_result(SentenceResult(text, started - item.enqueued, seconds, tokens))
+                item.future.set_result(SentenceResult(output[0], started - item.enqueued, seconds, tokens,
+                                                      output[2] if scored else None))
         padded = len(batch) * max(len(item.pieces) + 1 for item in batch)
         self._on_batch(BatchStats(self.model, len(batch), padded, output_tokens, seconds))

@@ -22,7 +22,15 @@ from typing import Any
 
 import ctranslate2
 
-from wdserve.artifacts import ArtifactError, ExportDir, ExportInfo, OutputLimit, RunDir, translate_bounded
+from wdserve.artifacts import (
+    ArtifactError,
+    ExportDir,
+    ExportInfo,
+    Hypothesis,
+    OutputLimit,
+    RunDir,
+    decode_bounded,
+)
 from wdserve.errors import WdserveError
 from wdserve.pieces import Tokenizer
 
@@ -72,14 +80,23 @@ class ServedModel:
 
     def translate_pieces(self, batch: list[list[str]], beam_size: int, max_length: int) -> list[list[str]]:
         """Blocking CTranslate2 call; run it off the event loop. Outputs obey ``output_limit``."""
-        return translate_bounded(self.translator, batch, beam_size, max_length, self.output_limit,
-                                 self.tokenizer.source_end)
+        return [output.tokens for output in self.decode(batch, beam_size, max_length)]
 
-    def translate_texts(self, batch: list[list[str]], beam_size: int,
-                        max_length: int) -> list[tuple[str, int]]:
-        """Blocking: source pieces -> (detokenized output, output token count) per sentence."""
-        return [(self.tokenizer.decode(pieces), len(pieces))
-                for pieces in self.translate_pieces(batch, beam_size, max_length)]
+    def decode(self, batch: list[list[str]], beam_size: int, max_length: int,
+               return_scores: bool = False) -> list[Hypothesis]:
+        """Blocking: output pieces and, with ``return_scores``, their mean token log-probability."""
+        return decode_bounded(self.translator, batch, beam_size, max_length, self.output_limit,
+                              self.tokenizer.source_end, return_scores)
+
+    def translate_texts(self, batch: list[list[str]], beam_size: int, max_length: int,
+                        return_scores: bool = False) -> list[tuple]:
+        """Blocking: source pieces -> (detokenized output, output token count) per sentence, and with
+        ``return_scores`` a third element, the output's mean token log-probability (the batcher's
+        ``TranslateFn``)."""
+        outputs = self.decode(batch, beam_size, max_length, return_scores)
+        if return_scores:
+            return [(self.tokenizer.decode(o.tokens), len(o.tokens), o.log_prob) for o in outputs]
+        return [(self.tokenizer.decode(o.tokens), len(o.tokens)) for o in outputs]
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -13,20 +13,32 @@ import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.types import Receive
 
-from wdserve.server.batching import Batcher, ClientGone, ClientWatch, DeadlineExceeded, QueueFull
+from wdserve.server.batching import (
+    Batcher,
+    ClientGone,
+    ClientWatch,
+    DeadlineExceeded,
+    QueueFull,
+    SentenceResult,
+)
+from wdserve.server.confidence import confidence
 from wdserve.server.metrics import ServerMetrics
 from wdserve.server.models import ModelRegistry, ServedModel
 from wdserve.server.protocol import BODY_DEADLINE_PASSED, CLIENT_WATCH
 from wdserve.server.schemas import CompareRequest, TranslateRequest
 from wdserve.server.settings import ServeSettings
 from wdserve.server.text import TextError, check_text, join_sentences, split_sentences
+
+if TYPE_CHECKING:
+    from wdserve.server.cascade import Cascade
+    from wdserve.server.shadow import Shadow
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +66,21 @@ class ServerState:
     executor: ThreadPoolExecutor
     metrics: ServerMetrics
     batchers: dict[str, Batcher] = field(default_factory=dict)
+    cascades: dict[str, Cascade] = field(default_factory=dict)  # served cascades by name (server.cascade)
+    shadow: Shadow | None = None  # shadow translations by the reference model (server.shadow), when on
     ready: bool = False
+
+
+@dataclass
+class Sentence:
+    """One sentence of a request as translated: the model that wrote it and, when scores were asked
+    for, that model's mean log-probability per output token (``server.confidence``)."""
+
+    source: str
+    text: str
+    model: str
+    tokens: int
+    log_prob: float | None = None
 
 
 @dataclass
@@ -64,6 +90,7 @@ class Translation:
     total_ms: float
     queue_ms: float
     translate_ms: float
+    sentences: list[list[Sentence]] = field(default_factory=list)  # per text, in order
 
     def timing(self) -> dict[str, float]:
         return {"total_ms": round(self.total_ms, 3), "queue_ms": round(self.queue_ms, 3),
@@ -183,13 +210,16 @@ class Job:
     texts: list[str]
     beam_size: int
     max_length: int
+    confidence: bool = False  # the request asked for confidence scores
+    cascade_threshold: float | None = None  # overrides a cascade's threshold for this request
 
 
 def check_job(req: TranslateRequest | CompareRequest, settings: ServeSettings) -> Job:
     """The request's texts, then its decoding options, checked against the server's limits."""
     texts = check_texts(req.q, settings)
     beam_size, max_length = decoding_options(req.beam_size, req.max_length, settings)
-    return Job(texts, beam_size, max_length)
+    return Job(texts, beam_size, max_length, getattr(req, "return_confidence", False),
+               getattr(req, "cascade_threshold", None))
 
 
 def choose_model(registry: ModelRegistry, settings: ServeSettings, name: str | None,
@@ -247,17 +277,36 @@ def client_watch(request: Request) -> ClientWatch:
     return watch if watch is not None else ReceiveWatch(request.receive)
 
 
-async def translate(state: ServerState, served: ServedModel, job: Job,
-                    client: ClientWatch | None = None) -> Translation:
-    """Splits every text into sentences, translates them all as one submission, joins them back.
+@dataclass
+class Split:
+    """A job's texts cut into sentences (``segments``, with the ``separators`` that join them back)."""
 
-    Given the request's :func:`client_watch`, a client that disconnects while its sentences wait
-    ends the request with 499 and withdraws them from the queue untranslated.
-    """
-    started = time.perf_counter()
-    splits = [split_sentences(text) for text in job.texts]
-    pieces = [served.encode(sentence) for segments, _ in splits for sentence in segments]
-    max_length = job.max_length
+    texts: list[tuple[list[str], list[str]]]
+
+    @property
+    def sentences(self) -> list[str]:
+        return [sentence for segments, _ in self.texts for sentence in segments]
+
+    def join(self, outputs: list[str]) -> list[str]:
+        """One output per sentence, in order -> one text per input text."""
+        it = iter(outputs)
+        return [join_sentences([next(it) for _ in segments], separators)
+                for segments, separators in self.texts]
+
+    def per_text(self, items: list[Any]) -> list[list[Any]]:
+        """One item per sentence, in order -> a list per input text."""
+        it = iter(items)
+        return [[next(it) for _ in segments] for segments, _ in self.texts]
+
+
+def split_job(job: Job) -> Split:
+    return Split([split_sentences(text) for text in job.texts])
+
+
+def encode_sentences(served: ServedModel, sentences: list[str],
+                     max_length: int) -> tuple[list[list[str]], int]:
+    """Every sentence's source pieces for ``served``, and ``max_length`` held to its position table."""
+    pieces = [served.encode(sentence) for sentence in sentences]
     if served.max_positions:
         # CTranslate2 fails a whole batch on a position past the model's table, so check per sentence
         for sentence_pieces in pieces:
@@ -265,10 +314,17 @@ async def translate(state: ServerState, served: ServedModel, job: Job,
                 raise ApiError(400, f"a sentence has {len(sentence_pieces)} tokens; model {served.name!r} "
                                     f"accepts at most {served.max_positions - 1} per sentence")
         max_length = min(max_length, served.max_positions)
+    return pieces, max_length
+
+
+async def translate_sentences(state: ServerState, served: ServedModel, pieces: list[list[str]], job: Job,
+                              max_length: int, client: ClientWatch | None,
+                              scores: bool) -> list[SentenceResult]:
+    """Sentences through ``served``'s batcher; its refusals and failures become ApiErrors."""
     batcher = state.batchers[served.name]
     try:
-        results = await batcher.translate(pieces, job.beam_size, max_length, state.settings.request_timeout_s,
-                                          client=client)
+        return await batcher.translate(pieces, job.beam_size, max_length, state.settings.request_timeout_s,
+                                       client=client, scores=scores)
     except QueueFull as err:
         raise ApiError(503, str(err), {"Retry-After": str(err.retry_after_s)}) from err
     except DeadlineExceeded as err:
@@ -278,16 +334,41 @@ async def translate(state: ServerState, served: ServedModel, job: Job,
         raise ApiError(CLIENT_CLOSED_REQUEST, str(err)) from err
     except Exception as err:  # the model failed (logged by the batcher); the server goes on
         raise ApiError(500, f"model {served.name!r} failed: {type(err).__name__}: {err}") from err
-    outputs = iter(result.text for result in results)
-    joined = [join_sentences([next(outputs) for _ in segments], separators)
-              for segments, separators in splits]
+
+
+def assemble(model: str, split: Split, sentences: list[Sentence], started: float,
+             results: list[SentenceResult]) -> Translation:
+    """The translated sentences joined back into texts, with the request's timing."""
     return Translation(
-        model=served.name,
-        texts=joined,
+        model=model,
+        texts=split.join([sentence.text for sentence in sentences]),
         total_ms=(time.perf_counter() - started) * 1000,
         queue_ms=max(result.queued_s for result in results) * 1000,
         translate_ms=max(result.compute_s for result in results) * 1000,
+        sentences=split.per_text(sentences),
     )
+
+
+async def translate(state: ServerState, served: ServedModel | Cascade, job: Job,
+                    client: ClientWatch | None = None) -> Translation:
+    """Splits every text into sentences, translates them all as one submission, joins them back.
+
+    Given the request's :func:`client_watch`, a client that disconnects while its sentences wait
+    ends the request with 499 and withdraws them from the queue untranslated. A cascade
+    (``server.cascade``) translates by its own rule.
+    """
+    if served.name in state.cascades:
+        return await state.cascades[served.name].translate(state, job, client)
+    started = time.perf_counter()
+    split = split_job(job)
+    sources = split.sentences
+    pieces, max_length = encode_sentences(served, sources, job.max_length)
+    results = await translate_sentences(state, served, pieces, job, max_length, client, job.confidence)
+    if job.confidence:
+        state.metrics.observe_confidence(served.name, [confidence(result.log_prob) for result in results])
+    sentences = [Sentence(source, result.text, served.name, result.output_tokens, result.log_prob)
+                 for source, result in zip(sources, results, strict=True)]
+    return assemble(served.name, split, sentences, started, results)
 
 
 def start_batchers(state: ServerState) -> None:

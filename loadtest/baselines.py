@@ -54,15 +54,27 @@ class DirectTranslator:
         """Batches of ``batch_size`` sentences, each held to the server's per-sentence output limit: of
         similar length, as CTranslate2's own ``max_batch_size`` would make them, or in the given order,
         as requests arrive at the server (``sort_by_length=False``)."""
+        return self._translate(sentences, beam_size, max_length, batch_size, sort_by_length, False)[0]
+
+    def translate_scored(self, sentences: list[str], beam_size: int, max_length: int,
+                         batch_size: int) -> tuple[list[str], list[float]]:
+        """``translate``, with each output's mean token log-probability (``server.confidence``)."""
+        return self._translate(sentences, beam_size, max_length, batch_size, True, True)
+
+    def _translate(self, sentences: list[str], beam_size: int, max_length: int, batch_size: int,
+                   sort_by_length: bool, return_scores: bool) -> tuple[list[str], list[float]]:
         pieces = [self.tokenizer.source_pieces(sentence) for sentence in sentences]
         outputs: list[str] = [""] * len(pieces)
+        log_probs: list[float] = [0.0] * len(pieces)
         batches = translate_corpus(self.translator, pieces, beam_size, batch_size, max_length,
                                    max_positions=self.max_positions, sort_by_length=sort_by_length,
-                                   source_end=self.tokenizer.source_end)
+                                   source_end=self.tokenizer.source_end, return_scores=return_scores)
         for indices, hypotheses in batches:
             for i, hypothesis in zip(indices, hypotheses, strict=True):
+                if return_scores:
+                    hypothesis, log_probs[i] = hypothesis
                 outputs[i] = self.tokenizer.decode(hypothesis)
-        return outputs
+        return outputs, log_probs
 
 
 def measure_direct(

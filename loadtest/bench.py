@@ -15,7 +15,9 @@ Order of work, so that nothing measured competes with anything else for the CPU:
    batch sizes (``/metrics``) and the load generator's CPU seconds;
 5. direct CTranslate2 again, at each model's own mean batch size in the server, to
    price the service's overhead per request;
-6. OUT/report.json, OUT/report.md and plots beside locust's CSV and HTML.
+6. the student-first cascade (``loadtest.cascade``): direct at several confidence thresholds in
+   step 2, and the same thresholds through the served cascade after the sweep;
+7. OUT/report.json, OUT/report.md and plots beside locust's CSV and HTML.
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ from wdserve.loadtest.baselines import (
     measure_direct_cpu,
     measure_pytorch_teacher,
 )
+from wdserve.loadtest.cascade import (
+    CASCADE_NAME,
+    measure_direct_cascade,
+    served_cascade_quality,
+    summarize,
+)
 from wdserve.loadtest.report import (
     build_report,
     equal_terms_key,
@@ -97,6 +105,9 @@ class BenchOptions:
     direct_batch_size: int = 32
     direct_seconds: float = 3.0  # repeat each direct batched run at least this long
     pytorch: bool = True
+    cascade: bool = True  # measure the student-first cascade (loadtest.cascade)
+    cascade_student: str | None = None  # default: the first weight-distilled student, else the first one
+    cascade_thresholds: tuple[float, ...] | None = None  # default: loadtest.cascade.auto_thresholds
     server_timeout: float = 180.0
     server_args: list[str] = field(default_factory=list)
     server_host: str = "127.0.0.1"  # where the server the bench starts listens, and the name locust uses
@@ -160,6 +171,25 @@ def choose_models(exports: list[ExportDir], requested: list[str] | None) -> list
     if len(names) < 2:
         raise BenchError(f"nothing to compare the teacher with (exported models: {', '.join(available)})")
     return ["teacher"] + [n for n in names if n != "teacher"]
+
+
+def preferred_export(exports: list[ExportDir], name: str, quantization: str | None) -> ExportDir:
+    """The export of ``name`` the server answers the bench's requests with: ``--quantization``, or else
+    the one its short alias points at (``prefer_quantization``, or the first by name)."""
+    variants = [e for e in exports if e.info.name == name]
+    wanted = quantization or ServeSettings().prefer_quantization
+    return next((e for e in variants if e.info.quantization == wanted), variants[0])
+
+
+def cascade_student(exports: list[ExportDir], models: list[str], requested: str | None) -> str:
+    """The student the bench's cascade starts from: ``requested``, or the first weight-distilled one."""
+    if requested is not None:
+        if requested not in models[1:]:
+            raise BenchError(f"--cascade-student {requested}: not a benched student "
+                             f"({', '.join(models[1:])})")
+        return requested
+    methods = {e.info.name: e.info.method for e in exports}
+    return next((m for m in models[1:] if methods.get(m) == "wd"), models[1])
 
 
 def served_export(listing: list[dict[str, Any]], served_name: str, export_dirs: list[str]) -> str | None:
@@ -531,6 +561,15 @@ def _run_bench(options: BenchOptions) -> dict[str, Any]:
                 batch_size=options.direct_batch_size, threads=threads, min_seconds=options.direct_seconds)
             log.info("direct CTranslate2 %s: %.1f sentences/s, p50 %.1f ms, BLEU %.2f, chrF %.2f",
                      export.dir_name, d["sentences_per_s"], d["p50_ms"], d["bleu"], d["chrf"])
+        cascade = None
+        if options.cascade:
+            student = cascade_student(exports, models, options.cascade_student)
+            ends = [preferred_export(exports, m, options.quantization) for m in (student, "teacher")]
+            cascade = measure_direct_cascade(
+                *ends, sentences, references, options.beam_size, options.max_length,
+                list(options.cascade_thresholds) if options.cascade_thresholds else None,
+                options.direct_batch_size, threads, options.direct_seconds)
+            cascade["model"] = student
         if options.pytorch:
             checkpoint = RunDir(workdir).checkpoint("teacher")
             pytorch = measure_pytorch_teacher(checkpoint, sentences, references, options.beam_size,
@@ -538,17 +577,23 @@ def _run_bench(options: BenchOptions) -> dict[str, Any]:
         else:
             pytorch = {"skipped": "PyTorch baseline not requested (--no-pytorch)"}
 
-    with _server(options, out, plan) as server:
-        served = {m: f"{m}-{options.quantization}" if options.quantization else m for m in models}
+    served = {m: f"{m}-{options.quantization}" if options.quantization else m for m in models}
+    server_args = list(options.server_args)
+    if cascade is not None:
+        server_args += ["--cascade", f"{CASCADE_NAME}={served[cascade['model']]},{served['teacher']}"]
+    with _server(options, out, plan, server_args) as server:
         served_exports = _resolve_exports(server.url, served, exports)
         _warm_up(server.url, served, languages, options)
         ctx = PhaseContext(server, options, plan, sentences_path, languages, locust_dir)
         phases, endings = sweep(ctx, models, served, served_exports)
+        if cascade is not None:
+            cascade = _cascade_report(cascade, server, sentences, references, languages, options, direct,
+                                      served_exports["teacher"])
 
     equal_terms = _direct_at_server_batches(phases, exports, served_exports, sentences, options, plan,
                                             threads)
     report = build_report(options, plan, threads, models, served_exports, exports, direct, pytorch, phases,
-                          endings, equal_terms, server.url)
+                          endings, equal_terms, server.url, cascade)
     report["plots"] = write_plots(report, out)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     write_markdown(report, out / "report.md")
@@ -589,8 +634,27 @@ def _direct_at_server_batches(phases: list[dict[str, Any]], exports: list[Export
     return results
 
 
+def _cascade_report(cascade: dict[str, Any], server: Server, sentences: list[str], references: list[str],
+                    languages: tuple[str, str], options: BenchOptions, direct: dict[str, dict[str, Any]],
+                    teacher: str) -> dict[str, Any]:
+    """The direct cascade's points beside the served cascade's BLEU at the same thresholds (not with --url:
+    that server serves no cascade of the bench's)."""
+    thresholds = [point["threshold"] for point in cascade["points"]]
+    served = None
+    if server.pid is not None:
+        request = {"source": languages[0], "target": languages[1], "beam_size": options.beam_size,
+                   "max_length": options.max_length}
+        served = served_cascade_quality(lambda body: http_post_json(f"{server.url}/translate", body),
+                                        sentences, references, thresholds, request, teacher)
+        for point in served:
+            log.info("served cascade below %.4f: %.0f%% to the teacher, BLEU %.2f", point["threshold"],
+                     100 * point["fallback_share"], point["bleu"])
+    return {"model": cascade["model"], **summarize(cascade, served, direct[cascade["teacher"]],
+                                                   direct[cascade["student"]])}
+
+
 @contextmanager
-def _server(options: BenchOptions, out: Path, plan: CpuPlan) -> Iterator[Server]:
+def _server(options: BenchOptions, out: Path, plan: CpuPlan, server_args: list[str]) -> Iterator[Server]:
     if options.url:
         url = options.url.rstrip("/")
         wait_ready(url, options.server_timeout)
@@ -598,7 +662,7 @@ def _server(options: BenchOptions, out: Path, plan: CpuPlan) -> Iterator[Server]
         yield Server(url, None)
     else:
         with running_server(Path(options.workdir), out / "server.log", options.server_timeout,
-                            options.server_args, None if plan.shared else plan.server,
+                            server_args, None if plan.shared else plan.server,
                             host=options.server_host, port=options.server_port) as server:
             yield server
 

@@ -54,6 +54,16 @@ def _rising(text: str) -> tuple[int, ...]:
     return values
 
 
+def _thresholds(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or not all(0 <= v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated confidences in 0..1, got {text!r}")
+    return values
+
+
 def _cpus(text: str) -> tuple[int, ...]:
     from wdserve.loadtest.accounting import parse_cpus
 
@@ -112,6 +122,13 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
                         help="repeat each direct CTranslate2 run at least this long (default 3)")
     parser.add_argument("--no-pytorch", dest="pytorch", action="store_false",
                         help="skip the PyTorch teacher baseline")
+    parser.add_argument("--no-cascade", dest="cascade", action="store_false",
+                        help="skip the student-first cascade (direct at several thresholds, then served)")
+    parser.add_argument("--cascade-student", default=None,
+                        help="the cascade's student (default: the first weight-distilled student benched)")
+    parser.add_argument("--cascade-thresholds", type=_thresholds, default=None,
+                        help="comma-separated confidence thresholds of the cascade (default: the student's "
+                             "confidences that send 5, 10, 15, 20, 30, 50%% of the sentences to the teacher)")
     parser.add_argument("--server-timeout", type=_positive_float, default=180.0,
                         help="seconds to wait for /ready (default 180)")
     parser.add_argument("--server-arg", dest="server_args", action="append", default=[],
@@ -144,7 +161,9 @@ def run_bench(args: argparse.Namespace) -> None:
         users=args.users or DEFAULT_USERS, sentences_per_request=args.sentences_per_request,
         slo_ms=args.slo_ms, min_gain=args.min_gain, server_cpus=args.server_cpus, load_cpus=args.load_cpus,
         max_sentences=args.max_sentences, threads=args.threads, direct_batch_size=args.direct_batch_size,
-        direct_seconds=args.direct_seconds, pytorch=args.pytorch, server_timeout=args.server_timeout,
+        direct_seconds=args.direct_seconds, pytorch=args.pytorch, cascade=args.cascade,
+        cascade_student=args.cascade_student, cascade_thresholds=args.cascade_thresholds,
+        server_timeout=args.server_timeout,
         server_args=args.server_args, server_host=args.server_host, server_port=args.server_port,
         locust_workers=args.locust_workers, master_port=args.master_port,
         workers_timeout=args.workers_timeout,

@@ -78,6 +78,14 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
         ax.scatter(speed, bleu, s=70, marker=markers.get(quantization, "^"), color=colors[family[name]],
                    edgecolors="black" if name in front else "none")
         ax.annotate(name, (speed, bleu), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    cascade = report.get("cascade")
+    if cascade:  # a line of its own from the student towards the teacher, one point per threshold
+        steps = [(p["sentences_per_s"], p["bleu"], p["fallback_share"]) for p in cascade["points"]]
+        ax.plot([s for s, _, _ in steps], [b for _, b, _ in steps], marker="D", color="black", linewidth=1,
+                markersize=5, label=f"cascade {cascade['model']} -> teacher")
+        for speed, bleu, share in steps:
+            ax.annotate(f"{100 * share:.0f}%", (speed, bleu), textcoords="offset points", xytext=(4, -10),
+                        fontsize=7)
     frontier = sorted((speed, bleu) for name, speed, bleu in points if name in front)
     ax.plot([s for s, _ in frontier], [b for _, b in frontier], linestyle="--", color="grey", linewidth=1,
             label="Pareto front")
@@ -85,7 +93,8 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("direct CTranslate2 sentences/s (log scale)")
     ax.set_ylabel("BLEU")
     ax.set_title("Quality against speed (square: int8, circle: float32, triangle: PyTorch;\n"
-                 "outlined: on the Pareto front)", fontsize=10)
+                 "outlined: on the Pareto front; diamonds: cascade, % of sentences to the teacher)",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

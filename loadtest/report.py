@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from wdserve.loadtest.cascade import GAP_TARGET, SPEED_TARGET
 from wdserve.loadtest.sweep import capacity_at_slo, peak, tail_at_half_capacity
 
 PAPER_SPEEDUP = (1.88, 2.94)  # Lin et al. (ACL 2021), student speed-ups over the teacher
@@ -48,6 +49,11 @@ DEFINITIONS = {
     "words_per_s": "requests/s x words (whitespace-separated) of translatedText per answer",
     "direct": "every export, same sentences, batch --direct-batch-size sorted by length, server's cores and "
               "threads: throughput, one-sentence p50 and BLEU/chrF (sacreBLEU)",
+    "cascade": "the student over every sentence with scores, then the teacher over those whose confidence "
+               "(geometric-mean token probability) is below the threshold, direct as in 'direct'; "
+               "sentences/s = sentences / (student pass + teacher pass); gap_closed = (cascade BLEU - "
+               "student BLEU) / (teacher BLEU - student BLEU); served_bleu: the same thresholds through the "
+               "served cascade over HTTP",
 }
 
 
@@ -203,6 +209,15 @@ def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             efficiency = figures["efficiency"]
             add(f"{model}: at 8 sentences per request, >= {EFFICIENCY_TARGET} of direct throughput",
                 _fmt(efficiency, ".2f"), None if efficiency is None else efficiency >= EFFICIENCY_TARGET)
+    cascade = report.get("cascade")
+    if cascade:
+        best = max(cascade["points"], key=lambda p: (p["speed_over_teacher"] >= SPEED_TARGET,
+                                                     p["gap_closed"] or 0))
+        add(f"cascade {cascade['model']} -> teacher: a threshold closes >= {GAP_TARGET:g} of the BLEU gap at "
+            f">= {SPEED_TARGET:g}x the teacher's throughput",
+            f"best: threshold {best['threshold']:.4f} closes {_fmt(best['gap_closed'], '.2f')} at "
+            f"{best['speed_over_teacher']:.2f}x", None if cascade["meets_target"] is None
+            else bool(cascade["meets_target"]))
     invalid = [p for p in report["phases"] if not p["valid"]]
     add("no phase with a saturated load generator",
         f"{len(invalid)} of {len(report['phases'])} phases above {int(100 * 0.9)}% (excluded from figures)",
@@ -251,7 +266,8 @@ def machine() -> dict[str, Any]:
 def build_report(options: Any, plan: Any, threads: int, models: list[str], served: dict[str, str],
                  exports: list[Any], direct: dict[str, dict[str, Any]], pytorch: dict[str, Any],
                  phases: list[dict[str, Any]], endings: list[dict[str, Any]],
-                 equal_terms: dict[str, dict[str, Any]], url: str) -> dict[str, Any]:
+                 equal_terms: dict[str, dict[str, Any]], url: str,
+                 cascade: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything measured, summarized: see DEFINITIONS."""
     methods = {e.info.name: e.info.method for e in exports}
     per_model = {}
@@ -299,6 +315,8 @@ def build_report(options: Any, plan: Any, threads: int, models: list[str], serve
         "sweep_endings": endings,
         "phases": phases,
     }
+    if cascade is not None:
+        report["cascade"] = cascade
     report["targets"] = check_targets(report)
     report["verdict"] = verdict(report)
     return report
@@ -310,6 +328,10 @@ def _plain(value: Any) -> Any:
 
 def _fmt(value: Any, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.0f}%"
 
 
 def _fmt_spread(values: dict[str, Any], spec: str = ".2f", unit: str = "") -> str:
@@ -404,6 +426,25 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| teacher (PyTorch checkpoint) | teacher | float32 | - "
                      f"| {_fmt(pytorch['sentences_per_s'])} | - | {_fmt(pytorch['bleu'], '.2f')} "
                      f"| {_fmt(pytorch['chrf'], '.2f')} |")
+    cascade = report.get("cascade")
+    if cascade:
+        lines += [
+            "", f"## Cascade: {cascade['student']} first, {cascade['teacher']} below the threshold", "",
+            f"Student confidence on the test set: min {cascade['student_confidence']['min']:.3f}, median "
+            f"{cascade['student_confidence']['median']:.3f}, max {cascade['student_confidence']['max']:.3f}. "
+            f"Ends: student BLEU {cascade['student_bleu']:.2f} at {cascade['student_sentences_per_s']:.1f} "
+            f"sentences/s, teacher {cascade['teacher_bleu']:.2f} at {cascade['teacher_sentences_per_s']:.1f} "
+            "(direct, as every point here).", "",
+            "| threshold | to the teacher | sentences/s | x teacher | x student | BLEU | chrF | gap closed "
+            "| served BLEU | served to the teacher |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for p in cascade["points"]:
+            lines.append(
+                f"| {p['threshold']:.4f} | {100 * p['fallback_share']:.0f}% | {p['sentences_per_s']:.1f} "
+                f"| {p['speed_over_teacher']:.2f} | {p['share_of_student_speed']:.2f} | {p['bleu']:.2f} "
+                f"| {p['chrf']:.2f} | {_fmt(p['gap_closed'], '.2f')} | {_fmt(p['served_bleu'], '.2f')} "
+                f"| {_percent(p['served_fallback_share'])} |")
     lines += ["", *report["verdict"], "",
               "Definitions: see `definitions` in report.json. Locust's own CSV, HTML and log of every phase "
               "are in `locust/`; `(!)` marks a level where a phase had a saturated load generator."]

@@ -24,6 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from wdserve.server import service
+from wdserve.server.cascade import Cascade, build_cascades, choose_cascade
+from wdserve.server.confidence import response_fields
 from wdserve.server.detect import Detection, LanguageDetector
 from wdserve.server.metrics import NO_MODEL, MetricsMiddleware, ServerMetrics
 from wdserve.server.models import ModelRegistry, ServedModel, discover_workdir
@@ -43,6 +45,7 @@ from wdserve.server.schemas import (
 )
 from wdserve.server.service import ApiError, RequestModel, ServerState
 from wdserve.server.settings import OutputLimit, ServeSettings, available_cores
+from wdserve.server.shadow import build_shadow, reference_model
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,13 @@ def build_detector(registry: ModelRegistry, settings: ServeSettings) -> Language
                             settings.detect_languages)
 
 
+def check_serving_plan(settings: ServeSettings, registry: ModelRegistry) -> None:
+    """Raises ConfigError, before the server starts, when a cascade or the shadow reference names a model
+    that is not served."""
+    build_cascades(settings, registry)
+    reference_model(settings, registry)
+
+
 def _request_body(model: type) -> dict[str, Any]:
     schema = model.model_json_schema()
     return {"requestBody": {"required": True, "content": {
@@ -102,8 +112,12 @@ def create_app(settings: ServeSettings | None = None, registry: ModelRegistry | 
         loaded = registry or load_registry(settings)
         inter, _ = settings.thread_plan(len(loaded.models))
         executor = ThreadPoolExecutor(max_workers=inter, thread_name_prefix="translate")
-        state = ServerState(settings, loaded, executor, metrics, build_detector(loaded, settings))
+        state = ServerState(settings, loaded, executor, metrics, detector=build_detector(loaded, settings),
+                            cascades=build_cascades(settings, loaded))
         service.start_batchers(state)
+        state.shadow = build_shadow(settings, loaded, state.batchers, metrics)
+        if state.shadow is not None:
+            state.shadow.start()
         state.ready = True
         app.state.server = state
         log.info("serving %s (aliases: %s)", ", ".join(sorted(loaded.models)),
@@ -113,6 +127,8 @@ def create_app(settings: ServeSettings | None = None, registry: ModelRegistry | 
         finally:
             # uvicorn gets here after in-flight requests finished (or graceful_timeout_s passed)
             state.ready = False
+            if state.shadow is not None:
+                await state.shadow.stop()
             for batcher in state.batchers.values():
                 await batcher.stop()
             executor.shutdown(wait=True)
@@ -208,15 +224,17 @@ async def get_detection(state: State, req: TranslateBody) -> Detection | None:
 Detected = Annotated[Detection | None, Depends(get_detection)]
 
 
-async def get_model(request: Request, state: State, req: TranslateBody, detected: Detected) -> ServedModel:
-    """The model that translates the request, named in ``request.state`` for the metrics."""
+async def get_model(request: Request, state: State, req: TranslateBody,
+                    detected: Detected) -> ServedModel | Cascade:
+    """The model (or cascade) that translates the request, named in ``request.state`` for the metrics."""
     source = detected.language if detected is not None else req.source
-    served = service.choose_model(state.registry, state.settings, req.model, source, req.target)
+    served = choose_cascade(state, req.model, source, req.target) or service.choose_model(
+        state.registry, state.settings, req.model, source, req.target)
     request.state.model = served.name
     return served
 
 
-ChosenModel = Annotated[ServedModel, Depends(get_model)]
+ChosenModel = Annotated[ServedModel | Cascade, Depends(get_model)]
 
 
 async def get_compared_models(request: Request, state: State, req: CompareBody) -> list[ServedModel]:
@@ -336,6 +354,10 @@ def add_routes(app: FastAPI, metrics: ServerMetrics, settings: ServeSettings) ->
             response["detectedLanguage"] = found if one else [found] * len(job.texts)
         if job.alternatives:
             response["alternatives"] = result.alternatives[0] if one else result.alternatives
+        response.update(response_fields(result, one, job.confidence,
+                                        job.confidence or isinstance(served, Cascade)))
+        if state.shadow is not None:
+            state.shadow.offer(served, job, result)
         return _json(response)
 
     @translation_route("/detect", response_model=list[DetectedLanguage],
@@ -401,11 +423,15 @@ def add_routes(app: FastAPI, metrics: ServerMetrics, settings: ServeSettings) ->
 
     @app.get("/models", response_model=list[ModelInfo], responses=error_responses(503), tags=["info"])
     async def models(state: State) -> list[dict[str, Any]]:
-        """Every served model: name, aliases, language pair, method, quantization, parameter count."""
+        """Every served model: name, aliases, language pair, method, quantization, parameter count; then
+        every cascade; with shadowing on, each covered model's agreement with the reference."""
         default = state.registry.resolve(state.settings.default_model)
+        shadow = state.shadow.describe if state.shadow is not None else lambda name: None
         return [{**served.describe(), "aliases": state.registry.aliases_of(name),
-                 "default": default is not None and default.name == name}
-                for name, served in sorted(state.registry.models.items())]
+                 "default": default is not None and default.name == name, "shadow": shadow(name)}
+                for name, served in sorted(state.registry.models.items())] + [
+                {**cascade.describe(), "aliases": [], "default": name == state.settings.default_model}
+                for name, cascade in sorted(state.cascades.items())]
 
     @app.get("/health", response_model=Health, tags=["operations"])
     async def health() -> dict[str, str]:

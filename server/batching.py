@@ -4,7 +4,8 @@ Each model has one :class:`Batcher`. Requests put their sentences into a bounded
 queue (counted in sentences) and await one future per sentence. A collector task
 takes the oldest sentence, waits at most ``max_wait_s`` for company, then takes
 every queued sentence with the same decoding options (beam size, max length, number of
-hypotheses) up to ``max_batch_size`` sentences and ``max_batch_tokens`` padded source tokens, and runs
+hypotheses) up to
+``max_batch_size`` sentences and ``max_batch_tokens`` padded source tokens, and runs
 the blocking CTranslate2 call in a shared thread pool. While one batch runs, the
 next one fills, so a burst of N single-sentence requests costs about N / batch size
 calls instead of N.
@@ -36,9 +37,12 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
-# (batch of source pieces, beam_size, max_length, num_hypotheses) -> per sentence: its num_hypotheses
-# output texts, best first, and the best one's token count
-TranslateFn = Callable[[list[list[str]], int, int, int], list[tuple[list[str], int]]]
+# (batch of source pieces, beam_size, max_length[, return_scores[, num_hypotheses]]) -> per sentence
+# (output text, output token count[, mean token log-probability[, the other n-best outputs' texts]]);
+# return_scores is given (True), and the third element read, only for a batch in which some request
+# asked for scores; num_hypotheses (with return_scores before it) and the fourth element only for a
+# batch asking for more than one hypothesis
+TranslateFn = Callable[..., list[tuple]]
 
 
 class QueueFull(Exception):
@@ -89,6 +93,7 @@ class SentenceResult:
     queued_s: float  # from submission to the start of its batch
     compute_s: float  # duration of its batch
     output_tokens: int
+    log_prob: float | None = None  # mean log-probability per output token, when scores were asked for
     alternatives: list[str] = field(default_factory=list)  # the next best outputs, when asked for
 
 
@@ -101,6 +106,7 @@ class _Item:
     enqueued: float = field(default_factory=time.monotonic)
     # in the queue and counted in depth; whoever sets it False (batch, expiry, withdrawal) uncounts it
     queued: bool = True
+    scores: bool = False  # its request wants the model's score (a batch asks when any item does)
 
 
 @dataclass
@@ -167,11 +173,13 @@ class Batcher:
         return max(1, math.ceil(batches * self._last_batch_s))
 
     async def translate(self, batch: list[list[str]], beam_size: int, max_length: int, timeout_s: float,
-                        client: ClientWatch | None = None, num_hypotheses: int = 1) -> list[SentenceResult]:
+                        client: ClientWatch | None = None, scores: bool = False,
+                        num_hypotheses: int = 1) -> list[SentenceResult]:
         """Queues every sentence of one request and waits for all of them (or raises).
 
-        ``num_hypotheses`` > 1 adds the next best outputs as each result's ``alternatives``.
-        Raises :class:`ClientGone` when ``client`` is lost first.
+        Raises :class:`ClientGone` when ``client`` is lost first. With ``scores`` each result
+        carries the model's mean token log-probability (``log_prob``); with ``num_hypotheses`` > 1,
+        the next best outputs of the model's n-best list (``alternatives``).
         """
         if not batch:
             return []
@@ -180,7 +188,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout_s
         key = (beam_size, max_length, num_hypotheses)
-        items = [_Item(pieces, key, deadline, loop.create_future()) for pieces in batch]
+        items = [_Item(pieces, key, deadline, loop.create_future(), scores=scores) for pieces in batch]
         self._queue.extend(items)
         self._waiting += len(items)
         self._on_queue(self.model, self._waiting)
@@ -294,10 +302,17 @@ class Batcher:
                 await self._run_batch(loop, batch)
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+        beam_size, max_length, num_hypotheses = batch[0].key
+        scored = any(item.scores for item in batch)
+        arguments: tuple = (beam_size, max_length)
+        if num_hypotheses > 1:
+            arguments += (scored, num_hypotheses)
+        elif scored:
+            arguments += (True,)
         started = time.monotonic()
         try:
             outputs = await loop.run_in_executor(
-                self._executor, self._translate, [item.pieces for item in batch], *batch[0].key)
+                self._executor, self._translate, [item.pieces for item in batch], *arguments)
         except Exception as err:  # a model fault fails this batch's requests, not the server
             log.exception("model %s: translate_batch failed for %d sentences", self.model, len(batch))
             for item in batch:
@@ -307,10 +322,12 @@ class Batcher:
         seconds = time.monotonic() - started
         self._last_batch_s = seconds
         output_tokens = 0
-        for item, (texts, tokens) in zip(batch, outputs, strict=True):
+        for item, output in zip(batch, outputs, strict=True):
+            tokens = output[1]
             output_tokens += tokens
             if not item.future.done():
-                item.future.set_result(
-                    SentenceResult(texts[0], started - item.enqueued, seconds, tokens, texts[1:]))
+                item.future.set_result(SentenceResult(output[0], started - item.enqueued, seconds, tokens,
+                                                      output[2] if scored else None,
+                                                      list(output[3]) if num_hypotheses > 1 else []))
         padded = len(batch) * max(len(item.pieces) + 1 for item in batch)
         self._on_batch(BatchStats(self.model, len(batch), padded, output_tokens, seconds))

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("wdserve.serve")
 
 # flags that take a different shape from their setting
-_SPECIAL = {"models", "api_keys", "compare_models"}
+_SPECIAL = {"models", "api_keys", "compare_models", "cascades"}
 # descriptors besides connections: listening socket, model files, logs, thread pool, Python itself
 FD_RESERVE = 256
 
@@ -31,6 +31,9 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
                         help="serve a CTranslate2 directory under NAME (repeatable; env WDSERVE_MODELS)")
     parser.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
                         help="accept this API key; repeatable (env WDSERVE_API_KEYS, comma-separated)")
+    parser.add_argument("--cascade", dest="cascades", action="append", metavar="NAME=STUDENT,TEACHER",
+                        help="serve a cascade under NAME: the student translates, the teacher re-translates "
+                             "its unsure sentences (repeatable; env WDSERVE_CASCADES, ';'-separated)")
     parser.add_argument("--compare-models", nargs=2, metavar=("A", "B"),
                         help="models /translate/compare uses by default (env WDSERVE_COMPARE_MODELS)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -53,12 +56,14 @@ def _flag_type(default: object) -> type:
 
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     """Flags given on the command line override the environment; the rest comes from WDSERVE_* or defaults."""
-    from wdserve.server.settings import ServeSettings, parse_model_specs
+    from wdserve.server.settings import ServeSettings, parse_cascade_specs, parse_model_specs
 
     overrides = {name: getattr(args, name) for name in ServeSettings.model_fields if getattr(args, name, None)
                  is not None}
     if "models" in overrides:
         overrides["models"] = parse_model_specs(overrides["models"])
+    if "cascades" in overrides:
+        overrides["cascades"] = parse_cascade_specs(overrides["cascades"])
     return ServeSettings(**overrides)
 
 
@@ -88,7 +93,7 @@ def run_serve(args: argparse.Namespace) -> None:
     import uvicorn
     from pydantic import ValidationError
 
-    from wdserve.server.app import create_app, load_registry
+    from wdserve.server.app import check_serving_plan, create_app, load_registry
     from wdserve.server.protocol import guarded_protocol
 
     try:
@@ -96,6 +101,7 @@ def run_serve(args: argparse.Namespace) -> None:
     except (ValidationError, ValueError) as err:
         raise ConfigError(f"invalid settings: {err}") from err
     registry = load_registry(settings)  # ModelLoadError names the model that cannot start
+    check_serving_plan(settings, registry)  # cascades and the shadow reference name served models
     ensure_file_descriptors(settings.limit_concurrency)
     log.info("models loaded; listening on http://%s:%d", settings.host, settings.port)
     app = create_app(settings, registry)

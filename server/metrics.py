@@ -12,6 +12,8 @@ from wdserve.server.batching import BatchStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99, 1.0)
+CHRF_BUCKETS = (10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99.99, 100)  # 99.99: all but identical
 NO_MODEL = "-"  # label when a request never got as far as naming a served model
 
 
@@ -40,6 +42,20 @@ class ServerMetrics:
         self.cancelled_sentences = Counter(
             "wdserve_cancelled_sentences", "queued sentences withdrawn untranslated: their client left",
             ["model"], registry=r)
+        self.confidence = Histogram(
+            "wdserve_sentence_confidence", "confidence of each scored sentence (geometric-mean token "
+            "probability; scored when a request asks for confidence, and always for a cascade's student)",
+            ["model"], buckets=CONFIDENCE_BUCKETS, registry=r)
+        self.cascade_sentences = Counter(
+            "wdserve_cascade_sentences", "a cascade's sentences by outcome: student (confident), teacher "
+            "(re-translated), degraded (unsure, but the teacher was busy or failed)", ["cascade", "outcome"],
+            registry=r)
+        self.shadow_chrf = Histogram(
+            "wdserve_shadow_chrf", "chrF of a model's sentence against the shadow reference's translation",
+            ["model"], buckets=CHRF_BUCKETS, registry=r)
+        self.shadow_dropped = Counter(
+            "wdserve_shadow_dropped", "shadow requests dropped, by reason: queue (full), busy (a queue "
+            "held a batch), reference (refused, late or failed)", ["model", "reason"], registry=r)
         # labelled children by label values: .labels() validates and locks on every call, and
         # these run several times a request; every label set is bounded (routes, models, statuses)
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
@@ -68,6 +84,23 @@ class ServerMetrics:
 
     def observe_cancelled(self, model: str, sentences: int) -> None:
         self.cancelled_sentences.labels(model).inc(sentences)
+
+    def observe_confidence(self, model: str, values: list[float]) -> None:
+        child = self.confidence.labels(model)
+        for value in values:
+            child.observe(value)
+
+    def observe_cascade(self, cascade: str, outcomes: dict[str, int]) -> None:
+        for outcome, sentences in outcomes.items():
+            self.cascade_sentences.labels(cascade, outcome).inc(sentences)
+
+    def observe_shadow(self, model: str, scores: list[float]) -> None:
+        child = self.shadow_chrf.labels(model)
+        for score in scores:
+            child.observe(score)
+
+    def observe_shadow_dropped(self, model: str, reason: str) -> None:
+        self.shadow_dropped.labels(model, reason).inc()
 
     def observe_queue(self, model: str, depth: int) -> None:
         child = self._queue_depth_children.get(model)

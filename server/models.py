@@ -26,9 +26,10 @@ from wdserve.artifacts import (
     ArtifactError,
     ExportDir,
     ExportInfo,
+    Hypothesis,
     OutputLimit,
     RunDir,
-    translate_bounded_nbest,
+    decode_bounded,
 )
 from wdserve.errors import WdserveError
 from wdserve.pieces import Tokenizer
@@ -79,21 +80,28 @@ class ServedModel:
 
     def translate_pieces(self, batch: list[list[str]], beam_size: int, max_length: int) -> list[list[str]]:
         """Blocking CTranslate2 call; run it off the event loop. Outputs obey ``output_limit``."""
-        return [hypotheses[0] for hypotheses in self.translate_nbest(batch, beam_size, max_length, 1)]
+        return [output.tokens for output in self.decode(batch, beam_size, max_length)]
 
-    def translate_nbest(self, batch: list[list[str]], beam_size: int, max_length: int,
-                        num_hypotheses: int) -> list[list[list[str]]]:
-        """Blocking: each sentence's ``num_hypotheses`` best outputs, best first (the beam is widened to
-        hold them, as CTranslate2 requires)."""
-        return translate_bounded_nbest(self.translator, batch, max(beam_size, num_hypotheses), max_length,
-                                       self.output_limit, self.tokenizer.source_end, num_hypotheses)
+    def decode(self, batch: list[list[str]], beam_size: int, max_length: int,
+               return_scores: bool = False, num_hypotheses: int = 1) -> list[Hypothesis]:
+        """Blocking: output pieces and, with ``return_scores``, their mean token log-probability; with
+        ``num_hypotheses`` > 1 also the next best outputs' pieces (``others``)."""
+        return decode_bounded(self.translator, batch, beam_size, max_length, self.output_limit,
+                              self.tokenizer.source_end, return_scores, num_hypotheses)
 
     def translate_texts(self, batch: list[list[str]], beam_size: int, max_length: int,
-                        num_hypotheses: int = 1) -> list[tuple[list[str], int]]:
-        """Blocking: source pieces -> (detokenized outputs, best first; the best's token count) per
-        sentence (``server.batching.TranslateFn``)."""
-        return [([self.tokenizer.decode(pieces) for pieces in hypotheses], len(hypotheses[0]))
-                for hypotheses in self.translate_nbest(batch, beam_size, max_length, num_hypotheses)]
+                        return_scores: bool = False, num_hypotheses: int = 1) -> list[tuple]:
+        """Blocking: source pieces -> (detokenized output, output token count) per sentence, and with
+        ``return_scores`` a third element, the output's mean token log-probability; with
+        ``num_hypotheses`` > 1 a fourth, the other n-best outputs' texts, best first (the batcher's
+        ``TranslateFn``)."""
+        outputs = self.decode(batch, beam_size, max_length, return_scores, num_hypotheses)
+        if num_hypotheses > 1:
+            return [(self.tokenizer.decode(o.tokens), len(o.tokens), o.log_prob,
+                     [self.tokenizer.decode(tokens) for tokens in o.others]) for o in outputs]
+        if return_scores:
+            return [(self.tokenizer.decode(o.tokens), len(o.tokens), o.log_prob) for o in outputs]
+        return [(self.tokenizer.decode(o.tokens), len(o.tokens)) for o in outputs]
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -44,6 +44,12 @@ class TranslateRequest(BaseModel):
     model: str | None = Field(None, description="served model name or alias (teacher, student, ...)")
     beam_size: Int | None = Field(None, description="beam width (1 = greedy); server default when absent")
     max_length: Int | None = Field(None, description="most output tokens per sentence")
+    return_confidence: bool = Field(
+        False, description="add `confidence` (per text) and `sentences` (per sentence: text, model, "
+                           "confidence): the model's geometric-mean token probability, 0-1")
+    cascade_threshold: float | None = Field(
+        None, ge=0, le=1, description="for a cascade: re-translate sentences below this student confidence "
+                                      "(default: the server's cascade_threshold)")
 
 
 class CompareRequest(BaseModel):
@@ -72,6 +78,13 @@ class DetectedLanguage(BaseModel):
     language: str
 
 
+class SentenceDetails(BaseModel):
+    translatedText: str  # noqa: N815
+    model: str = Field(description="the served model that wrote this sentence (for a cascade: its student "
+                                   "or its teacher)")
+    confidence: float | None = Field(None, description="that model's confidence in it, 0-1, when asked for")
+
+
 class TranslateResponse(BaseModel):
     translatedText: str | list[str] = Field(description="a string or a list, matching q")  # noqa: N815
     model: str = Field(description="the served model that translated (aliases resolved)")
@@ -82,6 +95,12 @@ class TranslateResponse(BaseModel):
     alternatives: list[str] | list[list[str]] | None = Field(
         None, description="present when alternatives > 0: other translations, best first (one list per text "
                           "when q is a list)")
+    confidence: float | list[float] | None = Field(
+        None, description="with return_confidence: per text, the geometric-mean probability the model(s) "
+                          "gave their own output tokens (token-weighted over its sentences), matching q")
+    sentences: list[SentenceDetails] | list[list[SentenceDetails]] | None = Field(
+        None, description="with return_confidence, and always from a cascade: each sentence with its model "
+                          "(and confidence), matching q")
 
 
 class CompareResult(BaseModel):
@@ -130,6 +149,21 @@ class Language(BaseModel):
     targets: list[str]
 
 
+class CascadeInfo(BaseModel):
+    student: str
+    teacher: str
+    threshold: float
+
+
+class ShadowInfo(BaseModel):
+    reference: str = Field(description="the model shadow requests went to")
+    rate: float = Field(description="fraction of this model's requests shadowed")
+    sentences: int = Field(description="sentences compared so far")
+    mean_chrf: float | None = Field(description="mean sentence chrF against the reference, 0-100")
+    identical: float | None = Field(description="share of sentences identical to the reference's")
+    dropped_requests: int = Field(description="shadow requests dropped under load")
+
+
 class ModelInfo(BaseModel):
     name: str
     aliases: list[str]
@@ -138,9 +172,12 @@ class ModelInfo(BaseModel):
     method: str | None
     quantization: str | None
     parameters: int | None
-    bleu: float | None = Field(description="test BLEU recorded in its model.json, when there is one")
-    path: str
+    bleu: float | None = Field(None, description="test BLEU recorded in its model.json, when there is one")
+    path: str | None = Field(description="the model directory (none for a cascade)")
     default: bool = Field(description="used when a request names no model")
+    cascade: CascadeInfo | None = Field(None, description="a cascade's student, teacher and threshold")
+    shadow: ShadowInfo | None = Field(
+        None, description="agreement with the shadow reference so far, when shadowing covers this model")
 
 
 class Health(BaseModel):

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs
 
 from pydantic import BaseModel, ValidationError
@@ -31,6 +31,7 @@ from wdserve.server.batching import (
     QueueFull,
     SentenceResult,
 )
+from wdserve.server.confidence import confidence
 from wdserve.server.detect import Detection, DetectionError, LanguageDetector
 from wdserve.server.markup import HtmlDocument, MarkupError
 from wdserve.server.metrics import ServerMetrics
@@ -39,6 +40,10 @@ from wdserve.server.protocol import BODY_DEADLINE_PASSED, CLIENT_WATCH
 from wdserve.server.schemas import CompareRequest, TranslateRequest
 from wdserve.server.settings import ServeSettings
 from wdserve.server.text import TextError, check_text, join_sentences, split_sentences
+
+if TYPE_CHECKING:
+    from wdserve.server.cascade import Cascade
+    from wdserve.server.shadow import Shadow
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +73,22 @@ class ServerState:
     metrics: ServerMetrics
     detector: LanguageDetector | None = None  # for source "auto" and /detect (server.detect)
     batchers: dict[str, Batcher] = field(default_factory=dict)
+    cascades: dict[str, Cascade] = field(default_factory=dict)  # served cascades by name (server.cascade)
+    shadow: Shadow | None = None  # shadow translations by the reference model (server.shadow), when on
     ready: bool = False
+
+
+@dataclass
+class Sentence:
+    """One sentence of a request as translated: the model that wrote it and, when scores were asked
+    for, that model's mean log-probability per output token (``server.confidence``)."""
+
+    source: str
+    text: str
+    model: str
+    tokens: int
+    log_prob: float | None = None
+    alternatives: list[str] = field(default_factory=list)  # the next best outputs, when asked for
 
 
 @dataclass
@@ -78,7 +98,8 @@ class Translation:
     total_ms: float
     queue_ms: float
     translate_ms: float
-    alternatives: list[list[str]] = field(default_factory=list)  # per text, when the job asked for them
+    sentences: list[list[Sentence]] = field(default_factory=list)  # per text, in order
+    alternatives: list[list[str]] = field(default_factory=list)  # per text (empty unless asked for)
 
     def timing(self) -> dict[str, float]:
         return {"total_ms": round(self.total_ms, 3), "queue_ms": round(self.queue_ms, 3),
@@ -220,6 +241,8 @@ class Job:
     texts: list[str]
     beam_size: int
     max_length: int
+    confidence: bool = False  # the request asked for confidence scores
+    cascade_threshold: float | None = None  # overrides a cascade's threshold for this request
     alternatives: int = 0  # other translations to return from the n-best list
     documents: list[HtmlDocument] | None = None  # format "html": each text parsed (server.markup)
 
@@ -238,7 +261,7 @@ async def check_job(req: TranslateRequest | CompareRequest, settings: ServeSetti
     """
     texts = check_texts(req.q, settings)
     beam_size, max_length = decoding_options(req.beam_size, req.max_length, settings)
-    alternatives = req.alternatives if isinstance(req, TranslateRequest) else 0
+    alternatives = getattr(req, "alternatives", 0)
     if not 0 <= alternatives <= settings.max_alternatives:
         raise ApiError(422, f"alternatives: {alternatives} is out of range 0..{settings.max_alternatives}")
     documents = None
@@ -247,7 +270,8 @@ async def check_job(req: TranslateRequest | CompareRequest, settings: ServeSetti
             documents = await asyncio.to_thread(lambda: [HtmlDocument.parse(text) for text in texts])
         except MarkupError as err:
             raise ApiError(400, str(err)) from err
-    return Job(texts, beam_size, max_length, alternatives, documents)
+    return Job(texts, beam_size, max_length, getattr(req, "return_confidence", False),
+               getattr(req, "cascade_threshold", None), alternatives, documents)
 
 
 async def detect(state: ServerState, text: str) -> list[Detection]:
@@ -326,18 +350,49 @@ def client_watch(request: Request) -> ClientWatch:
     return watch if watch is not None else ReceiveWatch(request.receive)
 
 
-async def translate(state: ServerState, served: ServedModel, job: Job,
-                    client: ClientWatch | None = None) -> Translation:
-    """Splits every text into sentences, translates them all as one submission, joins them back.
+@dataclass
+class Split:
+    """A job's texts cut into sentences (``segments``, with the ``separators`` that join them back).
 
-    HTML documents are translated text node by text node, each node's sentences in the same
-    submission. Given the request's :func:`client_watch`, a client that disconnects while its
-    sentences wait ends the request with 499 and withdraws them from the queue untranslated.
+    For HTML the texts are the documents' text nodes, and joining renders each document with its
+    nodes translated (``server.markup``).
     """
-    started = time.perf_counter()
-    splits = [split_sentences(text) for text in job.plain_texts]
-    pieces = [served.encode(sentence) for segments, _ in splits for sentence in segments]
-    max_length = job.max_length
+
+    texts: list[tuple[list[str], list[str]]]
+    documents: list[HtmlDocument] | None = None
+
+    @property
+    def sentences(self) -> list[str]:
+        return [sentence for segments, _ in self.texts for sentence in segments]
+
+    def join(self, outputs: list[str]) -> list[str]:
+        """One output per sentence, in order -> one text per input text."""
+        it = iter(outputs)
+        texts = [join_sentences([next(it) for _ in segments], separators)
+                 for segments, separators in self.texts]
+        if self.documents is None:
+            return texts
+        nodes = iter(texts)
+        return [document.render([next(nodes) for _ in document.texts]) for document in self.documents]
+
+    def per_text(self, items: list[Any]) -> list[list[Any]]:
+        """One item per sentence, in order -> a list per input text."""
+        it = iter(items)
+        per_node = [[next(it) for _ in segments] for segments, _ in self.texts]
+        if self.documents is None:
+            return per_node
+        nodes = iter(per_node)
+        return [[item for _ in document.texts for item in next(nodes)] for document in self.documents]
+
+
+def split_job(job: Job) -> Split:
+    return Split([split_sentences(text) for text in job.plain_texts], job.documents)
+
+
+def encode_sentences(served: ServedModel, sentences: list[str],
+                     max_length: int) -> tuple[list[list[str]], int]:
+    """Every sentence's source pieces for ``served``, and ``max_length`` held to its position table."""
+    pieces = [served.encode(sentence) for sentence in sentences]
     if served.max_positions:
         # CTranslate2 fails a whole batch on a position past the model's table, so check per sentence
         for sentence_pieces in pieces:
@@ -345,10 +400,17 @@ async def translate(state: ServerState, served: ServedModel, job: Job,
                 raise ApiError(400, f"a sentence has {len(sentence_pieces)} tokens; model {served.name!r} "
                                     f"accepts at most {served.max_positions - 1} per sentence")
         max_length = min(max_length, served.max_positions)
+    return pieces, max_length
+
+
+async def translate_sentences(state: ServerState, served: ServedModel, pieces: list[list[str]], job: Job,
+                              max_length: int, client: ClientWatch | None,
+                              scores: bool) -> list[SentenceResult]:
+    """Sentences through ``served``'s batcher; its refusals and failures become ApiErrors."""
     batcher = state.batchers[served.name]
     try:
-        results = await batcher.translate(pieces, job.beam_size, max_length, state.settings.request_timeout_s,
-                                          client=client, num_hypotheses=job.alternatives + 1)
+        return await batcher.translate(pieces, job.beam_size, max_length, state.settings.request_timeout_s,
+                                       client=client, scores=scores, num_hypotheses=job.alternatives + 1)
     except QueueFull as err:
         raise ApiError(503, str(err), {"Retry-After": str(err.retry_after_s)}) from err
     except DeadlineExceeded as err:
@@ -358,33 +420,52 @@ async def translate(state: ServerState, served: ServedModel, job: Job,
         raise ApiError(CLIENT_CLOSED_REQUEST, str(err)) from err
     except Exception as err:  # the model failed (logged by the batcher); the server goes on
         raise ApiError(500, f"model {served.name!r} failed: {type(err).__name__}: {err}") from err
-    # rank 0: each text joined from its sentences' best outputs; rank k: from their k-th best
-    outputs = iter(results)
-    per_text = [([next(outputs) for _ in segments], separators) for segments, separators in splits]
-    ranked = [[join_sentences([_ranked_text(result, rank) for result in sentences], separators)
-               for sentences, separators in per_text] for rank in range(job.alternatives + 1)]
-    if job.documents is not None:
-        ranked = [_render_documents(job.documents, texts) for texts in ranked]
+
+
+def assemble(model: str, split: Split, sentences: list[Sentence], started: float,
+             results: list[SentenceResult]) -> Translation:
+    """The translated sentences joined back into texts, with the request's timing.
+
+    Alternative k of a text joins its sentences' k-th best outputs (a sentence's best where its
+    list is shorter); alternatives equal to the translation or to each other are dropped.
+    """
+    texts = split.join([sentence.text for sentence in sentences])
+    ranks = max((len(sentence.alternatives) for sentence in sentences), default=0)
+    ranked = [split.join([sentence.alternatives[rank] if rank < len(sentence.alternatives) else sentence.text
+                          for sentence in sentences]) for rank in range(ranks)]
     return Translation(
-        model=served.name,
-        texts=ranked[0],
+        model=model,
+        texts=texts,
         total_ms=(time.perf_counter() - started) * 1000,
         queue_ms=max((result.queued_s for result in results), default=0.0) * 1000,
         translate_ms=max((result.compute_s for result in results), default=0.0) * 1000,
-        alternatives=[list(dict.fromkeys(text for text in others if text != best))
-                      for best, *others in zip(*ranked, strict=True)] if job.alternatives else [],
+        sentences=split.per_text(sentences),
+        alternatives=[list(dict.fromkeys(other for other in others if other != best))
+                      for best, *others in zip(texts, *ranked, strict=True)],
     )
 
 
-def _ranked_text(result: SentenceResult, rank: int) -> str:
-    """A sentence's output of that rank in its n-best list (its best when the list is shorter)."""
-    return result.alternatives[rank - 1] if 0 < rank <= len(result.alternatives) else result.text
+async def translate(state: ServerState, served: ServedModel | Cascade, job: Job,
+                    client: ClientWatch | None = None) -> Translation:
+    """Splits every text into sentences, translates them all as one submission, joins them back.
 
-
-def _render_documents(documents: list[HtmlDocument], node_texts: list[str]) -> list[str]:
-    """Each document with its text nodes' translations, taken in order from ``node_texts``."""
-    nodes = iter(node_texts)
-    return [document.render([next(nodes) for _ in document.texts]) for document in documents]
+    HTML documents are translated text node by text node, all their sentences in the same
+    submission. Given the request's :func:`client_watch`, a client that disconnects while its
+    sentences wait ends the request with 499 and withdraws them from the queue untranslated. A
+    cascade (``server.cascade``) translates by its own rule (without alternatives).
+    """
+    if served.name in state.cascades:
+        return await state.cascades[served.name].translate(state, job, client)
+    started = time.perf_counter()
+    split = split_job(job)
+    sources = split.sentences
+    pieces, max_length = encode_sentences(served, sources, job.max_length)
+    results = await translate_sentences(state, served, pieces, job, max_length, client, job.confidence)
+    if job.confidence:
+        state.metrics.observe_confidence(served.name, [confidence(result.log_prob) for result in results])
+    sentences = [Sentence(source, result.text, served.name, result.output_tokens, result.log_prob,
+                          result.alternatives) for source, result in zip(sources, results, strict=True)]
+    return assemble(served.name, split, sentences, started, results)
 
 
 def start_batchers(state: ServerState) -> None:

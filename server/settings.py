@@ -70,6 +70,22 @@ class ServeSettings(BaseSettings):
         description="the two models /translate/compare uses by default")
     prefer_quantization: str = Field(
         "int8", description="quantization the short alias (teacher, student) points at when several exist")
+    cascades: Annotated[dict[str, list[str]], NoDecode] = Field(
+        default_factory=dict,
+        description="cascades as NAME=STUDENT,TEACHER: the student translates, the teacher re-translates the "
+                    "sentences whose confidence is below cascade_threshold (several: ';'-separated)")
+    cascade_threshold: float = Field(
+        0.5, ge=0, le=1,
+        description="a cascade's sentence with a lower student confidence goes to the teacher")
+
+    # -- shadow translations by a reference model, off the user's path
+    shadow_rate: float = Field(
+        0.0, ge=0, le=1,
+        description="fraction of requests to other models also translated by shadow_model in the "
+                    "background, agreement (chrF) exported; 0 = off")
+    shadow_model: str = Field("teacher", description="the reference model of shadow translations")
+    shadow_queue_size: int = Field(
+        64, ge=1, description="shadow requests waiting for the reference; more are dropped")
 
     # -- network
     host: str = Field("127.0.0.1", description="interface to bind (0.0.0.0 in a container)")
@@ -143,6 +159,24 @@ class ServeSettings(BaseSettings):
             return parse_model_specs([part for part in value.split(",") if part.strip()])
         return value
 
+    @field_validator("cascades", mode="before")
+    @classmethod
+    def _parse_cascades(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("{"):
+                return json.loads(value)
+            return parse_cascade_specs([part for part in value.split(";") if part.strip()])
+        return value
+
+    @field_validator("cascades")
+    @classmethod
+    def _check_cascades(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, models in value.items():
+            if len(models) != 2:
+                raise ValueError(f"cascade {name!r} needs two models, STUDENT,TEACHER; got {models}")
+        return value
+
     @field_validator("api_keys", "compare_models", "detect_languages", mode="before")
     @classmethod
     def _parse_list(cls, value: Any) -> Any:
@@ -198,3 +232,17 @@ def parse_model_specs(specs: list[str]) -> dict[str, Path]:
             raise ValueError(f"model name {name.strip()!r} given twice")
         models[name.strip()] = Path(path.strip())
     return models
+
+
+def parse_cascade_specs(specs: list[str]) -> dict[str, list[str]]:
+    """``["fast=student,teacher"]`` -> ``{"fast": ["student", "teacher"]}``, naming a bad item."""
+    cascades: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, models = spec.strip().partition("=")
+        pair = [model.strip() for model in models.split(",")]
+        if not sep or not name.strip() or len(pair) != 2 or not all(pair):
+            raise ValueError(f"cascade spec {spec!r} is not NAME=STUDENT,TEACHER")
+        if name.strip() in cascades:
+            raise ValueError(f"cascade name {name.strip()!r} given twice")
+        cascades[name.strip()] = pair
+    return cascades

@@ -6,10 +6,10 @@
   writes it (the CTranslate2 files, the SentencePiece model(s) and ``model.json``, which names
   them: ``sentencepiece.model`` for a joint vocabulary, ``source.spm`` and ``target.spm`` for an
   imported Marian teacher's and its students').
-- ``OutputLimit`` and ``translate_bounded``: how long an output may get. Every path that
-  decodes (PyTorch search, sequence-level KD, evaluation, the server, the bench's direct
-  baseline) holds sentence i to ``ratio x (source pieces + </s>) + margin`` tokens, so the
-  BLEU the pipeline reports is the BLEU the service delivers.
+- ``OutputLimit`` and ``decode_bounded`` (``translate_bounded`` without scores): how long an
+  output may get. Every path that decodes (PyTorch search, sequence-level KD, evaluation, the
+  server, the bench's direct baseline) holds sentence i to ``ratio x (source pieces + </s>) +
+  margin`` tokens, so the BLEU the pipeline reports is the BLEU the service delivers.
 
 Standard library only: the server and the load tester import it without PyTorch.
 """
@@ -20,7 +20,7 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from wdserve.errors import WdserveError
 
@@ -255,9 +255,21 @@ class OutputLimit:
 DEFAULT_OUTPUT_LIMIT = OutputLimit()  # what `wdserve serve` applies unless told otherwise
 
 
-def translate_bounded(translator: Any, batch: list[list[str]], beam_size: int, max_length: int,
-                      limit: OutputLimit = DEFAULT_OUTPUT_LIMIT,
-                      source_end: Sequence[str] = ()) -> list[list[str]]:
+class Hypothesis(NamedTuple):
+    """One output of ``decode_bounded``: its pieces and, when asked for, CTranslate2's score of them."""
+
+    tokens: list[str]
+    # CTranslate2's score with its default length_penalty of 1: the sum of the output's token
+    # log-probabilities over its length, </s> included, i.e. the mean log-probability per token
+    # (a test checks it against score_batch). None unless return_scores was given.
+    log_prob: float | None = None
+    # the next best outputs' pieces, best first, when num_hypotheses > 1 was asked for (n-best list)
+    others: tuple[list[str], ...] = ()
+
+
+def decode_bounded(translator: Any, batch: list[list[str]], beam_size: int, max_length: int,
+                   limit: OutputLimit = DEFAULT_OUTPUT_LIMIT, source_end: Sequence[str] = (),
+                   return_scores: bool = False, num_hypotheses: int = 1) -> list[Hypothesis]:
     """``ctranslate2.Translator.translate_batch`` with every sentence held to its own ``limit``.
 
     CTranslate2's ``max_decoding_length`` applies to a whole call, so the batch runs
@@ -265,48 +277,62 @@ def translate_bounded(translator: Any, batch: list[list[str]], beam_size: int, m
     own limit (repetition loops, in practice) are translated again under it.
     ``source_end`` goes after every source's pieces when the model does not append ``</s>``
     itself (``wdserve.pieces.Tokenizer.source_end``); the limit counts ``</s>`` either way.
+    ``return_scores`` asks CTranslate2 for each output's score (off by default: only callers
+    that use it pay for it, though on the tiny models it cost nothing measurable).
+    ``num_hypotheses`` > 1 keeps that many outputs of CTranslate2's n-best list (the best as the
+    hypothesis, the rest as its ``others``), widening the beam to hold them as CTranslate2
+    requires; a sentence any of whose outputs went past its limit runs again.
     """
-    return [hypotheses[0] for hypotheses in
-            translate_bounded_nbest(translator, batch, beam_size, max_length, limit, source_end)]
-
-
-def translate_bounded_nbest(translator: Any, batch: list[list[str]], beam_size: int, max_length: int,
-                            limit: OutputLimit = DEFAULT_OUTPUT_LIMIT, source_end: Sequence[str] = (),
-                            num_hypotheses: int = 1) -> list[list[list[str]]]:
-    """:func:`translate_bounded` keeping the ``num_hypotheses`` best outputs of each sentence, best
-    first (CTranslate2's n-best list; it needs ``num_hypotheses <= beam_size``). Every hypothesis
-    is held to its sentence's limit: a sentence any of whose hypotheses went past it runs again."""
     if not batch:
         return []
     limits = [limit.tokens(len(pieces), max_length) for pieces in batch]
     longest = max(limits)
     if source_end:
         batch = [[*pieces, *source_end] for pieces in batch]
-    outputs = [result.hypotheses for result in translator.translate_batch(
-        batch, beam_size=beam_size, max_decoding_length=longest, num_hypotheses=num_hypotheses)]
+    options: dict[str, Any] = {"beam_size": max(beam_size, num_hypotheses), "num_hypotheses": num_hypotheses}
+    if return_scores:  # only when asked, so calls without it stay exactly what they were
+        options["return_scores"] = True
+
+    def hypothesis(result: Any) -> Hypothesis:
+        return Hypothesis(result.hypotheses[0], result.scores[0] if return_scores else None,
+                          tuple(result.hypotheses[1:]))
+
+    outputs = [hypothesis(result) for result in translator.translate_batch(
+        batch, max_decoding_length=longest, **options)]
     again: dict[int, list[int]] = {}
-    for i, hypotheses in enumerate(outputs):
-        if limits[i] < longest and max(len(output) for output in hypotheses) >= limits[i]:
+    for i, output in enumerate(outputs):
+        longest_output = max(len(tokens) for tokens in (output.tokens, *output.others))
+        if limits[i] < longest and longest_output >= limits[i]:
             again.setdefault(limits[i], []).append(i)
     for own_limit, indices in again.items():
-        results = translator.translate_batch([batch[i] for i in indices], beam_size=beam_size,
-                                             max_decoding_length=own_limit, num_hypotheses=num_hypotheses)
+        results = translator.translate_batch([batch[i] for i in indices], max_decoding_length=own_limit,
+                                             **options)
         for i, result in zip(indices, results, strict=True):
-            outputs[i] = result.hypotheses
+            outputs[i] = hypothesis(result)
     return outputs
+
+
+def translate_bounded(translator: Any, batch: list[list[str]], beam_size: int, max_length: int,
+                      limit: OutputLimit = DEFAULT_OUTPUT_LIMIT,
+                      source_end: Sequence[str] = ()) -> list[list[str]]:
+    """The output pieces of ``decode_bounded`` (no scores)."""
+    return [output.tokens for output in decode_bounded(translator, batch, beam_size, max_length, limit,
+                                                       source_end)]
 
 
 def translate_corpus(translator: Any, sources: Sequence[list[str]], beam_size: int, batch_size: int,
                      max_length: int = DEFAULT_MAX_LENGTH, limit: OutputLimit = DEFAULT_OUTPUT_LIMIT,
                      max_positions: int | None = None, sort_by_length: bool = True,
-                     source_end: Sequence[str] = ()) -> Iterator[tuple[list[int], list[list[str]]]]:
+                     source_end: Sequence[str] = (), return_scores: bool = False
+                     ) -> Iterator[tuple[list[int], list[Any]]]:
     """Pieces in, pieces out, ``batch_size`` sentences at a time, decoded as the server decodes a
     request: each sentence held to ``limit``, the call to ``max_length`` and both to the model's
     ``max_positions`` (longer sources are cut to fit, where the server refuses them), with
     ``source_end`` as in ``translate_bounded``.
 
     Yields ``(indices, outputs)`` per batch so callers can report progress; batches hold sentences
-    of similar length unless ``sort_by_length`` is False (then they come in the given order).
+    of similar length unless ``sort_by_length`` is False (then they come in the given order). The
+    outputs are pieces, or with ``return_scores`` ``Hypothesis`` tuples (pieces and score).
     """
     if max_positions:
         max_length = min(max_length, max_positions)
@@ -315,5 +341,6 @@ def translate_corpus(translator: Any, sources: Sequence[list[str]], beam_size: i
         else list(range(len(sources)))
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
-        yield indices, translate_bounded(translator, [sources[i] for i in indices], beam_size, max_length,
-                                         limit, source_end)
+        outputs = decode_bounded(translator, [sources[i] for i in indices], beam_size, max_length, limit,
+                                 source_end, return_scores)
+        yield indices, outputs if return_scores else [output.tokens for output in outputs]

@@ -52,7 +52,7 @@ def bench(tiny_workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     options = BenchOptions(
         workdir=tiny_workdir, out=out, models=list(MODELS), duration=2, rounds=1, users=USERS,
         sentences_per_request=PER_REQUEST, min_gain=0.0, max_sentences=12, beam_size=1, max_length=16,
-        direct_seconds=0.2, server_timeout=120, slo_ms=10_000,
+        direct_seconds=0.2, server_timeout=120, slo_ms=10_000, cascade_thresholds=(0.0, 1.0),
     )
     return run_bench(options), out
 
@@ -71,6 +71,23 @@ def test_bench_writes_every_report_file(bench: tuple[dict, Path]):
         assert f"| {model} |" in markdown
     for target in report["targets"]:
         assert target["status"] in ("met", "missed", "not measured") and target["target"] in markdown
+
+
+def test_cascade_points_run_from_the_student_to_the_teacher(bench: tuple[dict, Path]):
+    """Threshold 0 sends nothing to the teacher, 1 everything: the two ends are the student's and the
+    teacher's own direct translations, and the served cascade routes the same shares over HTTP."""
+    report, out = bench
+    cascade = report["cascade"]
+    assert (cascade["model"], cascade["student"], cascade["teacher"]) == ("student", "student-int8",
+                                                                        "teacher-int8")
+    none, every = cascade["points"]
+    assert (none["threshold"], none["fallback_share"], every["fallback_share"]) == (0.0, 0.0, 1.0)
+    assert none["bleu"] == report["direct"]["student-int8"]["bleu"]
+    assert every["bleu"] == report["direct"]["teacher-int8"]["bleu"]
+    assert [p["served_fallback_share"] for p in cascade["points"]] == [0.0, 1.0]
+    assert all(p["served_bleu"] is not None for p in cascade["points"])
+    assert "## Cascade: student-int8 first" in (out / "report.md").read_text()
+    assert any(t["target"].startswith("cascade student -> teacher") for t in report["targets"])
 
 
 def test_phases_alternate_models_at_every_level(bench: tuple[dict, Path]):

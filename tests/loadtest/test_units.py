@@ -26,6 +26,7 @@ from wdserve.loadtest.bench import (
     served_export,
     server_threads_per_model,
 )
+from wdserve.loadtest.cascade import auto_thresholds, summarize
 from wdserve.loadtest.cli import configure_bench
 from wdserve.loadtest.plots import pareto_front
 from wdserve.loadtest.report import build_report, check_targets, compare, model_figures, spread
@@ -287,3 +288,27 @@ def test_locust_runs_one_process_per_load_core_only_when_the_cores_are_its_own(t
     assert "--processes" not in command(CpuPlan((0, 1), (0, 1)))  # shared cores: one process
     assert several[several.index("--sentences-per-request") + 1] == "8"
     assert several[several.index("--users") + 1] == "16"
+
+
+def test_auto_thresholds_send_the_given_shares_to_the_teacher() -> None:
+    confidences = [0.1 * i for i in range(1, 11)]  # 0.1 .. 1.0
+    thresholds = auto_thresholds(confidences, (0.1, 0.5))
+    assert [sum(c < t for c in confidences) for t in thresholds] == [1, 5]
+
+
+def test_cascade_summary_prices_each_threshold_against_both_ends() -> None:
+    # student BLEU 30 at 300 sentences/s, teacher 40 at 100: gap 10
+    direct = {"student": "s", "teacher": "t", "student_confidence": {}, "points": [
+        {"threshold": 0.5, "fallback_share": 0.2, "sentences_per_s": 200.0, "bleu": 36.0, "chrf": 0.0},
+        {"threshold": 0.9, "fallback_share": 0.8, "sentences_per_s": 120.0, "bleu": 39.0, "chrf": 0.0}]}
+    served = [{"threshold": 0.5, "fallback_share": 0.25, "bleu": 35.5}]
+    summary = summarize(direct, served, {"bleu": 40.0, "sentences_per_s": 100.0},
+                        {"bleu": 30.0, "sentences_per_s": 300.0})
+    first, second = summary["points"]
+    assert (first["gap_closed"], first["speed_over_teacher"], first["share_of_student_speed"]) == (0.6, 2.0,
+                                                                                                   0.6667)
+    assert (second["gap_closed"], second["speed_over_teacher"]) == (0.9, 1.2)
+    assert (first["served_bleu"], first["served_fallback_share"], second["served_bleu"]) == (35.5, 0.25, None)
+    assert summary["meets_target"] == [0.5]  # 0.9 closes more of the gap but keeps only 1.2x
+    assert summarize(direct, None, {"bleu": 30.0, "sentences_per_s": 100.0},
+                     {"bleu": 30.0, "sentences_per_s": 300.0})["meets_target"] is None

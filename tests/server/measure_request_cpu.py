@@ -53,9 +53,9 @@ package.server = server
 from wdserve.server import models
 assert models.__file__.startswith(str(root)), models.__file__
 
-def sleeping_translate(self, batch, beam_size, max_length, num_hypotheses=1):
+def sleeping_translate(self, batch, beam_size, max_length):
     time.sleep(0.025)
-    return [(["translated"] * num_hypotheses, 1)] * len(batch)
+    return [("translated", 1)] * len(batch)
 
 models.ServedModel.translate_texts = sleeping_translate
 from wdserve.server.cli import configure_serve, run_serve

@@ -109,3 +109,19 @@ def test_available_cores_follows_the_container_cpu_quota(
     monkeypatch.setattr(settings_module, "CGROUP_V1_PERIOD", tmp_path / "cpu.cfs_period_us")
     monkeypatch.setattr(settings_module.os, "sched_getaffinity", lambda pid: set(range(8)))
     assert available_cores() == (8 if expected is None else expected)
+
+def test_cascades_and_shadow_from_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    argv = ["--cascade", "fast=student,teacher", "--cascade", "kd=student-kd, teacher", "--cascade-threshold",
+            "0.3", "--shadow-rate", "0.05", "--shadow-model", "teacher-float32"]
+    settings = settings_from_args(parse(argv))
+    assert settings.cascades == {"fast": ["student", "teacher"], "kd": ["student-kd", "teacher"]}
+    assert settings.cascade_threshold == 0.3 and settings.shadow_rate == 0.05
+    assert settings.shadow_model == "teacher-float32" and settings.shadow_queue_size == 64
+    monkeypatch.setenv("WDSERVE_CASCADES", "fast=student,teacher;kd=student-kd,teacher")
+    assert ServeSettings().cascades == settings.cascades
+    for bad, message in (("fast=student", "NAME=STUDENT,TEACHER"), ("a=s,t;a=s,t", "given twice")):
+        monkeypatch.setenv("WDSERVE_CASCADES", bad)
+        with pytest.raises(ValueError, match=message):
+            ServeSettings()
+    with pytest.raises(ValidationError, match="shadow_rate"):
+        ServeSettings(shadow_rate=1.5)

@@ -12,12 +12,13 @@ import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,11 +26,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from wdserve.server import service
 from wdserve.server.cascade import Cascade, build_cascades, choose_cascade
 from wdserve.server.confidence import response_fields
+from wdserve.server.detect import Detection, LanguageDetector
 from wdserve.server.metrics import NO_MODEL, MetricsMiddleware, ServerMetrics
 from wdserve.server.models import ModelRegistry, ServedModel, discover_workdir
 from wdserve.server.schemas import (
     CompareRequest,
     CompareResponse,
+    DetectedLanguage,
+    DetectRequest,
+    FrontendSettings,
     Health,
     Language,
     ModelInfo,
@@ -47,10 +52,13 @@ log = logging.getLogger(__name__)
 LANGUAGE_NAMES = {
     "en": "English", "de": "German", "fr": "French", "es": "Spanish", "it": "Italian", "pt": "Portuguese",
     "nl": "Dutch", "cs": "Czech", "ru": "Russian", "zh": "Chinese", "ja": "Japanese", "ar": "Arabic",
-    "xx": "Synthetic source", "yy": "Synthetic target",
+    "xx": "Synthetic source", "yy": "Synthetic target", "auto": "Auto Detect",
 }
 
-API_ROUTES = {"/translate", "/translate/compare", "/languages", "/models", "/health", "/ready", "/metrics"}
+API_ROUTES = {"/translate", "/translate/compare", "/detect", "/languages", "/models", "/frontend/settings",
+              "/health", "/ready", "/metrics", "/"}
+# the side-by-side page: plain HTML and JavaScript, served as it is (no build step, nothing from a CDN)
+PAGE = Path(__file__).parent / "static" / "index.html"
 
 
 def model_specs(settings: ServeSettings) -> dict[str, Any]:
@@ -70,6 +78,13 @@ def load_registry(settings: ServeSettings) -> ModelRegistry:
     limit = OutputLimit(settings.output_length_ratio, settings.output_length_margin)
     return ModelRegistry.load(specs, settings.device, settings.compute_type, intra,
                               settings.prefer_quantization, limit)
+
+
+def build_detector(registry: ModelRegistry, settings: ServeSettings) -> LanguageDetector:
+    """Detection among the served languages and ``detect_languages`` (loads lingua's models for them)."""
+    pairs = registry.pairs()
+    return LanguageDetector({source for source, _ in pairs}, {target for _, target in pairs},
+                            settings.detect_languages)
 
 
 def check_serving_plan(settings: ServeSettings, registry: ModelRegistry) -> None:
@@ -97,7 +112,8 @@ def create_app(settings: ServeSettings | None = None, registry: ModelRegistry | 
         loaded = registry or load_registry(settings)
         inter, _ = settings.thread_plan(len(loaded.models))
         executor = ThreadPoolExecutor(max_workers=inter, thread_name_prefix="translate")
-        state = ServerState(settings, loaded, executor, metrics, cascades=build_cascades(settings, loaded))
+        state = ServerState(settings, loaded, executor, metrics, detector=build_detector(loaded, settings),
+                            cascades=build_cascades(settings, loaded))
         service.start_batchers(state)
         state.shadow = build_shadow(settings, loaded, state.batchers, metrics)
         if state.shadow is not None:
@@ -129,7 +145,7 @@ def create_app(settings: ServeSettings | None = None, registry: ModelRegistry | 
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=API_ROUTES)
     add_error_handlers(app)
-    add_routes(app, metrics)
+    add_routes(app, metrics, settings)
 
     def observe_unanswered(path: str, status: int, seconds: float) -> None:
         """Counts a request its connection ended before the app saw it (server.protocol: 408, 431, 499)."""
@@ -191,12 +207,29 @@ def parsed_body(model: type[RequestModel]) -> Any:
 
 TranslateBody = Annotated[TranslateRequest, parsed_body(TranslateRequest)]
 CompareBody = Annotated[CompareRequest, parsed_body(CompareRequest)]
+DetectBody = Annotated[DetectRequest, parsed_body(DetectRequest)]
 
 
-async def get_model(request: Request, state: State, req: TranslateBody) -> ServedModel | Cascade:
+async def get_detection(state: State, req: TranslateBody) -> Detection | None:
+    """With source "auto", the language the texts are in (400 when it cannot be told or is not served).
+
+    Only then are the texts checked before the model is chosen (and again by the route, which is
+    cheap beside detection): otherwise the model comes first, so that text errors count under it.
+    """
+    if req.source != "auto":
+        return None
+    return await service.detect_source(state, await service.check_job(req, state.settings))
+
+
+Detected = Annotated[Detection | None, Depends(get_detection)]
+
+
+async def get_model(request: Request, state: State, req: TranslateBody,
+                    detected: Detected) -> ServedModel | Cascade:
     """The model (or cascade) that translates the request, named in ``request.state`` for the metrics."""
-    served = choose_cascade(state, req.model, req.source, req.target) or service.choose_model(
-        state.registry, state.settings, req.model, req.source, req.target)
+    source = detected.language if detected is not None else req.source
+    served = choose_cascade(state, req.model, source, req.target) or service.choose_model(
+        state.registry, state.settings, req.model, source, req.target)
     request.state.model = served.name
     return served
 
@@ -285,7 +318,7 @@ def _json(content: Any) -> Response:
                     media_type="application/json")
 
 
-def add_routes(app: FastAPI, metrics: ServerMetrics) -> None:
+def add_routes(app: FastAPI, metrics: ServerMetrics, settings: ServeSettings) -> None:
     def translation_route(path: str, **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """``@app.post`` for a PlainRoute, on the app's own router (an included one costs a second match)."""
         def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
@@ -297,29 +330,46 @@ def add_routes(app: FastAPI, metrics: ServerMetrics) -> None:
 
     @translation_route("/translate", response_model=TranslateResponse, response_model_exclude_none=True,
                        openapi_extra=_request_body(TranslateRequest))
-    async def translate(request: Request, req: TranslateBody, served: ChosenModel, state: State) -> Response:
+    async def translate(request: Request, req: TranslateBody, served: ChosenModel, detected: Detected,
+                        state: State) -> Response:
         """Translates `q` (a string or a list of strings); LibreTranslate's request and response shape.
 
         Text with several sentences is split into sentences, translated as one batch and
-        joined back. Also accepts form-encoded bodies, as LibreTranslate does. A client that
-        disconnects while waiting withdraws its sentences (counted as status 499).
+        joined back; `format: html` translates the text nodes and keeps the markup. Also accepts
+        form-encoded and multipart bodies, as LibreTranslate does. A client that disconnects
+        while waiting withdraws its sentences (counted as status 499).
         """
-        job = service.check_job(req, state.settings)
+        job = await service.check_job(req, state.settings)
         client = service.client_watch(request)
         try:
             result = await service.translate(state, served, job, client)
         finally:
             client.stop()
+        one = isinstance(req.q, str)
         response: dict[str, Any] = {
-            "translatedText": result.texts[0] if isinstance(req.q, str) else result.texts,
+            "translatedText": result.texts[0] if one else result.texts,
             "model": result.model, "timing": result.timing()}
-        if req.source == "auto" and served.source_lang:
-            response["detectedLanguage"] = {"confidence": 100.0, "language": served.source_lang}
-        response.update(response_fields(result, isinstance(req.q, str), job.confidence,
+        if detected is not None:  # one language for the request, repeated per text as LibreTranslate does
+            found = detected.as_json()
+            response["detectedLanguage"] = found if one else [found] * len(job.texts)
+        if job.alternatives:
+            response["alternatives"] = result.alternatives[0] if one else result.alternatives
+        response.update(response_fields(result, one, job.confidence,
                                         job.confidence or isinstance(served, Cascade)))
         if state.shadow is not None:
             state.shadow.offer(served, job, result)
         return _json(response)
+
+    @translation_route("/detect", response_model=list[DetectedLanguage],
+                       openapi_extra=_request_body(DetectRequest))
+    async def detect(req: DetectBody, state: State) -> Response:
+        """The language of `q` (LibreTranslate's shape): every language the server weighs, most likely first.
+
+        Candidates are the served languages lingua knows plus the `detect_languages` setting;
+        confidence is 0-100, relative to them. 400 when no served language is detectable.
+        """
+        detections = await service.detect(state, service.check_texts(req.q, state.settings)[0])
+        return _json([detection.as_json() for detection in detections])
 
     @translation_route("/translate/compare", response_model=CompareResponse,
                        openapi_extra=_request_body(CompareRequest))
@@ -328,7 +378,7 @@ def add_routes(app: FastAPI, metrics: ServerMetrics) -> None:
 
         Each result carries its own timing; the models run in turn so their times are comparable.
         """
-        job = service.check_job(req, state.settings)
+        job = await service.check_job(req, state.settings)
         client = service.client_watch(request)
         results = []
         try:
@@ -348,6 +398,28 @@ def add_routes(app: FastAPI, metrics: ServerMetrics) -> None:
             targets.setdefault(source, set()).add(target)
         return [{"code": code, "name": LANGUAGE_NAMES.get(code, code), "targets": sorted(targets[code])}
                 for code in sorted(targets)]
+
+    @app.get("/frontend/settings", response_model=FrontendSettings, responses=error_responses(503),
+             tags=["info"])
+    async def frontend_settings(state: State) -> dict[str, Any]:
+        """What LibreTranslate's web frontend reads first: limits, whether a key is needed, its languages."""
+        registry = state.registry
+        default = registry.resolve(state.settings.default_model) or next(iter(registry.models.values()))
+        detector = state.detector
+        source = "auto" if detector is not None and detector.available else default.source_lang or "auto"
+        target = default.target_lang or ""
+        return {"charLimit": state.settings.max_chars, "frontendTimeout": 500,
+                "apiKeys": bool(state.settings.api_keys), "keyRequired": bool(state.settings.api_keys),
+                "suggestions": False, "filesTranslation": False, "supportedFilesFormat": [],
+                "language": {"source": {"code": source, "name": LANGUAGE_NAMES.get(source, source)},
+                             "target": {"code": target, "name": LANGUAGE_NAMES.get(target, target)}}}
+
+    page = PAGE.read_text(encoding="utf-8").replace("__COMPARE_MODELS__", json.dumps(settings.compare_models))
+
+    @app.get("/", response_class=HTMLResponse, tags=["info"])
+    async def side_by_side() -> HTMLResponse:
+        """A page comparing two models in the browser: both translations, their latency and the speed-up."""
+        return HTMLResponse(page)
 
     @app.get("/models", response_model=list[ModelInfo], responses=error_responses(503), tags=["info"])
     async def models(state: State) -> list[dict[str, Any]]:

@@ -3,7 +3,8 @@
 Each model has one :class:`Batcher`. Requests put their sentences into a bounded
 queue (counted in sentences) and await one future per sentence. A collector task
 takes the oldest sentence, waits at most ``max_wait_s`` for company, then takes
-every queued sentence with the same decoding options (beam size, max length) up to
+every queued sentence with the same decoding options (beam size, max length, number of
+hypotheses) up to
 ``max_batch_size`` sentences and ``max_batch_tokens`` padded source tokens, and runs
 the blocking CTranslate2 call in a shared thread pool. While one batch runs, the
 next one fills, so a burst of N single-sentence requests costs about N / batch size
@@ -36,9 +37,11 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
-# (batch of source pieces, beam_size, max_length[, return_scores=True]) -> per sentence (output text,
-# output token count[, mean token log-probability]); the fourth argument is given, and the third
-# element read, only for a batch in which some request asked for scores
+# (batch of source pieces, beam_size, max_length[, return_scores[, num_hypotheses]]) -> per sentence
+# (output text, output token count[, mean token log-probability[, the other n-best outputs' texts]]);
+# return_scores is given (True), and the third element read, only for a batch in which some request
+# asked for scores; num_hypotheses (with return_scores before it) and the fourth element only for a
+# batch asking for more than one hypothesis
 TranslateFn = Callable[..., list[tuple]]
 
 
@@ -91,12 +94,13 @@ class SentenceResult:
     compute_s: float  # duration of its batch
     output_tokens: int
     log_prob: float | None = None  # mean log-probability per output token, when scores were asked for
+    alternatives: list[str] = field(default_factory=list)  # the next best outputs, when asked for
 
 
 @dataclass
 class _Item:
     pieces: list[str]
-    key: tuple[int, int]  # (beam_size, max_length): only equal keys share a batch
+    key: tuple[int, int, int]  # (beam_size, max_length, num_hypotheses): only equal keys share a batch
     deadline: float
     future: asyncio.Future = field(repr=False)
     enqueued: float = field(default_factory=time.monotonic)
@@ -169,11 +173,13 @@ class Batcher:
         return max(1, math.ceil(batches * self._last_batch_s))
 
     async def translate(self, batch: list[list[str]], beam_size: int, max_length: int, timeout_s: float,
-                        client: ClientWatch | None = None, scores: bool = False) -> list[SentenceResult]:
+                        client: ClientWatch | None = None, scores: bool = False,
+                        num_hypotheses: int = 1) -> list[SentenceResult]:
         """Queues every sentence of one request and waits for all of them (or raises).
 
         Raises :class:`ClientGone` when ``client`` is lost first. With ``scores`` each result
-        carries the model's mean token log-probability (``log_prob``).
+        carries the model's mean token log-probability (``log_prob``); with ``num_hypotheses`` > 1,
+        the next best outputs of the model's n-best list (``alternatives``).
         """
         if not batch:
             return []
@@ -181,8 +187,8 @@ class Batcher:
             raise QueueFull(self.model, self.retry_after())
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout_s
-        items = [_Item(pieces, (beam_size, max_length), deadline, loop.create_future(), scores=scores)
-                 for pieces in batch]
+        key = (beam_size, max_length, num_hypotheses)
+        items = [_Item(pieces, key, deadline, loop.create_future(), scores=scores) for pieces in batch]
         self._queue.extend(items)
         self._waiting += len(items)
         self._on_queue(self.model, self._waiting)
@@ -296,9 +302,13 @@ class Batcher:
                 await self._run_batch(loop, batch)
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
-        beam_size, max_length = batch[0].key
+        beam_size, max_length, num_hypotheses = batch[0].key
         scored = any(item.scores for item in batch)
-        arguments = (beam_size, max_length, True) if scored else (beam_size, max_length)
+        arguments: tuple = (beam_size, max_length)
+        if num_hypotheses > 1:
+            arguments += (scored, num_hypotheses)
+        elif scored:
+            arguments += (True,)
         started = time.monotonic()
         try:
             outputs = await loop.run_in_executor(
@@ -317,6 +327,7 @@ class Batcher:
             output_tokens += tokens
             if not item.future.done():
                 item.future.set_result(SentenceResult(output[0], started - item.enqueued, seconds, tokens,
-                                                      output[2] if scored else None))
+                                                      output[2] if scored else None,
+                                                      list(output[3]) if num_hypotheses > 1 else []))
         padded = len(batch) * max(len(item.pieces) + 1 for item in batch)
         self._on_batch(BatchStats(self.model, len(batch), padded, output_tokens, seconds))

@@ -83,17 +83,22 @@ class ServedModel:
         return [output.tokens for output in self.decode(batch, beam_size, max_length)]
 
     def decode(self, batch: list[list[str]], beam_size: int, max_length: int,
-               return_scores: bool = False) -> list[Hypothesis]:
-        """Blocking: output pieces and, with ``return_scores``, their mean token log-probability."""
+               return_scores: bool = False, num_hypotheses: int = 1) -> list[Hypothesis]:
+        """Blocking: output pieces and, with ``return_scores``, their mean token log-probability; with
+        ``num_hypotheses`` > 1 also the next best outputs' pieces (``others``)."""
         return decode_bounded(self.translator, batch, beam_size, max_length, self.output_limit,
-                              self.tokenizer.source_end, return_scores)
+                              self.tokenizer.source_end, return_scores, num_hypotheses)
 
     def translate_texts(self, batch: list[list[str]], beam_size: int, max_length: int,
-                        return_scores: bool = False) -> list[tuple]:
+                        return_scores: bool = False, num_hypotheses: int = 1) -> list[tuple]:
         """Blocking: source pieces -> (detokenized output, output token count) per sentence, and with
-        ``return_scores`` a third element, the output's mean token log-probability (the batcher's
+        ``return_scores`` a third element, the output's mean token log-probability; with
+        ``num_hypotheses`` > 1 a fourth, the other n-best outputs' texts, best first (the batcher's
         ``TranslateFn``)."""
-        outputs = self.decode(batch, beam_size, max_length, return_scores)
+        outputs = self.decode(batch, beam_size, max_length, return_scores, num_hypotheses)
+        if num_hypotheses > 1:
+            return [(self.tokenizer.decode(o.tokens), len(o.tokens), o.log_prob,
+                     [self.tokenizer.decode(tokens) for tokens in o.others]) for o in outputs]
         if return_scores:
             return [(self.tokenizer.decode(o.tokens), len(o.tokens), o.log_prob) for o in outputs]
         return [(self.tokenizer.decode(o.tokens), len(o.tokens)) for o in outputs]
@@ -106,6 +111,7 @@ class ServedModel:
             "method": self.info.method if self.info else None,
             "quantization": self.info.quantization if self.info else None,
             "parameters": self.info.parameters if self.info else None,
+            "bleu": self.info.bleu if self.info else None,
             "path": str(self.path),
         }
 

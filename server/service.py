@@ -7,10 +7,13 @@ turns it into ``{"error": "..."}``.
 from __future__ import annotations
 
 import asyncio
+import email.parser
+import email.policy
 import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -29,6 +32,8 @@ from wdserve.server.batching import (
     SentenceResult,
 )
 from wdserve.server.confidence import confidence
+from wdserve.server.detect import Detection, DetectionError, LanguageDetector
+from wdserve.server.markup import HtmlDocument, MarkupError
 from wdserve.server.metrics import ServerMetrics
 from wdserve.server.models import ModelRegistry, ServedModel
 from wdserve.server.protocol import BODY_DEADLINE_PASSED, CLIENT_WATCH
@@ -43,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
+T = TypeVar("T")
 
 # nginx's status for "client closed request": counted in the metrics, never seen by a client
 CLIENT_CLOSED_REQUEST = 499
@@ -65,6 +71,7 @@ class ServerState:
     registry: ModelRegistry
     executor: ThreadPoolExecutor
     metrics: ServerMetrics
+    detector: LanguageDetector | None = None  # for source "auto" and /detect (server.detect)
     batchers: dict[str, Batcher] = field(default_factory=dict)
     cascades: dict[str, Cascade] = field(default_factory=dict)  # served cascades by name (server.cascade)
     shadow: Shadow | None = None  # shadow translations by the reference model (server.shadow), when on
@@ -81,6 +88,7 @@ class Sentence:
     model: str
     tokens: int
     log_prob: float | None = None
+    alternatives: list[str] = field(default_factory=list)  # the next best outputs, when asked for
 
 
 @dataclass
@@ -91,6 +99,7 @@ class Translation:
     queue_ms: float
     translate_ms: float
     sentences: list[list[Sentence]] = field(default_factory=list)  # per text, in order
+    alternatives: list[list[str]] = field(default_factory=list)  # per text (empty unless asked for)
 
     def timing(self) -> dict[str, float]:
         return {"total_ms": round(self.total_ms, 3), "queue_ms": round(self.queue_ms, 3),
@@ -133,15 +142,14 @@ async def read_body(request: Request, limit: int) -> dict[str, Any]:
         raise ApiError(413, f"request body is {declared} bytes; the limit is {limit}", CLOSE)
     raw = await receive_body(request, limit)
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":  # what LibreTranslate's web frontend posts (FormData)
+        return multipart_fields(bytes(raw), request.headers["content-type"])
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ApiError(400, f"request body is not valid UTF-8 (byte {err.start})") from err
     if content_type == "application/x-www-form-urlencoded":
-        fields = parse_qs(text, keep_blank_values=True)
-        # a repeated q is a list of texts; any other repeated field keeps its last value
-        return {key: values if key == "q" and len(values) > 1 else values[-1]
-                for key, values in fields.items()}
+        return form_fields(parse_qs(text, keep_blank_values=True))
     if content_type not in ("application/json", "") and not content_type.endswith("+json"):
         raise ApiError(415, f"content type {content_type!r} is not supported; send application/json")
     try:
@@ -151,6 +159,29 @@ async def read_body(request: Request, limit: int) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(422, f"the body must be a JSON object, not {type(body).__name__}")
     return body
+
+
+def form_fields(fields: dict[str, list[str]]) -> dict[str, Any]:
+    """A repeated q is a list of texts; any other repeated field keeps its last value."""
+    return {key: values if key == "q" and len(values) > 1 else values[-1] for key, values in fields.items()}
+
+
+def multipart_fields(raw: bytes, content_type: str) -> dict[str, Any]:
+    """The text fields of a multipart/form-data body (parts that are files are not read)."""
+    try:
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + raw)
+        if not message.is_multipart():
+            raise ApiError(400, "multipart/form-data body without its boundary")
+        fields: dict[str, list[str]] = {}
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            if isinstance(name, str) and part.get_filename() is None:
+                payload = part.get_payload(decode=True) or b""
+                fields.setdefault(name, []).append(payload.decode(part.get_content_charset() or "utf-8"))
+    except (UnicodeError, LookupError, ValueError) as err:
+        raise ApiError(400, f"unreadable multipart/form-data body: {err}") from err
+    return form_fields(fields)
 
 
 def check_api_key(body: dict[str, Any], request: Request, settings: ServeSettings) -> None:
@@ -212,14 +243,55 @@ class Job:
     max_length: int
     confidence: bool = False  # the request asked for confidence scores
     cascade_threshold: float | None = None  # overrides a cascade's threshold for this request
+    alternatives: int = 0  # other translations to return from the n-best list
+    documents: list[HtmlDocument] | None = None  # format "html": each text parsed (server.markup)
+
+    @property
+    def plain_texts(self) -> list[str]:
+        """What a reader of the text sees: the texts, or the HTML documents' text nodes."""
+        if self.documents is None:
+            return self.texts
+        return [node for document in self.documents for node in document.texts]
 
 
-def check_job(req: TranslateRequest | CompareRequest, settings: ServeSettings) -> Job:
-    """The request's texts, then its decoding options, checked against the server's limits."""
+async def check_job(req: TranslateRequest | CompareRequest, settings: ServeSettings) -> Job:
+    """The request's texts, then its decoding options, checked against the server's limits.
+
+    HTML is parsed off the event loop: dense markup costs about 2 µs of CPU a character.
+    """
     texts = check_texts(req.q, settings)
     beam_size, max_length = decoding_options(req.beam_size, req.max_length, settings)
+    alternatives = getattr(req, "alternatives", 0)
+    if not 0 <= alternatives <= settings.max_alternatives:
+        raise ApiError(422, f"alternatives: {alternatives} is out of range 0..{settings.max_alternatives}")
+    documents = None
+    if req.format == "html":
+        try:
+            documents = await asyncio.to_thread(lambda: [HtmlDocument.parse(text) for text in texts])
+        except MarkupError as err:
+            raise ApiError(400, str(err)) from err
     return Job(texts, beam_size, max_length, getattr(req, "return_confidence", False),
-               getattr(req, "cascade_threshold", None))
+               getattr(req, "cascade_threshold", None), alternatives, documents)
+
+
+async def detect(state: ServerState, text: str) -> list[Detection]:
+    """Every candidate language of ``text`` with its confidence, most likely first (server.detect)."""
+    return await _detecting(state, lambda detector: detector.detect(text))
+
+
+async def detect_source(state: ServerState, job: Job) -> Detection:
+    """The served source language the job's texts are in, all together (HTML: its text nodes)."""
+    text = "\n".join(job.plain_texts)
+    return await _detecting(state, lambda detector: detector.detect_source(text))
+
+
+async def _detecting(state: ServerState, call: Callable[[LanguageDetector], T]) -> T:
+    if state.detector is None:
+        raise ApiError(400, "language detection is not set up on this server; give source explicitly")
+    try:  # a few ms for a long text: off the event loop
+        return await asyncio.to_thread(call, state.detector)
+    except DetectionError as err:
+        raise ApiError(400, str(err)) from err
 
 
 def choose_model(registry: ModelRegistry, settings: ServeSettings, name: str | None,
@@ -231,7 +303,7 @@ def choose_model(registry: ModelRegistry, settings: ServeSettings, name: str | N
             raise ApiError(400, f"unknown model {name!r}; served: {', '.join(registry.names())}")
         if not served.supports(source, target):
             raise ApiError(400, f"model {served.name!r} translates {served.source_lang} -> "
-                                f"{served.target_lang}, not {source} -> {target}")
+                                f"{served.target_lang}, not {source or 'any'} -> {target or 'any'}")
         return served
     default = registry.resolve(settings.default_model)
     # after the default: models an alias points at (the preferred variants), then the rest
@@ -242,7 +314,8 @@ def choose_model(registry: ModelRegistry, settings: ServeSettings, name: str | N
         if served.supports(source, target):
             return served
     pairs = ", ".join(f"{s} -> {t}" for s, t in sorted(registry.pairs())) or "none"
-    raise ApiError(400, f"no served model translates {source} -> {target}; served pairs: {pairs}")
+    raise ApiError(400, f"no served model translates {source or 'any'} -> {target or 'any'}; "
+                        f"served pairs: {pairs}")
 
 
 # -- translating
@@ -279,9 +352,14 @@ def client_watch(request: Request) -> ClientWatch:
 
 @dataclass
 class Split:
-    """A job's texts cut into sentences (``segments``, with the ``separators`` that join them back)."""
+    """A job's texts cut into sentences (``segments``, with the ``separators`` that join them back).
+
+    For HTML the texts are the documents' text nodes, and joining renders each document with its
+    nodes translated (``server.markup``).
+    """
 
     texts: list[tuple[list[str], list[str]]]
+    documents: list[HtmlDocument] | None = None
 
     @property
     def sentences(self) -> list[str]:
@@ -290,17 +368,25 @@ class Split:
     def join(self, outputs: list[str]) -> list[str]:
         """One output per sentence, in order -> one text per input text."""
         it = iter(outputs)
-        return [join_sentences([next(it) for _ in segments], separators)
-                for segments, separators in self.texts]
+        texts = [join_sentences([next(it) for _ in segments], separators)
+                 for segments, separators in self.texts]
+        if self.documents is None:
+            return texts
+        nodes = iter(texts)
+        return [document.render([next(nodes) for _ in document.texts]) for document in self.documents]
 
     def per_text(self, items: list[Any]) -> list[list[Any]]:
         """One item per sentence, in order -> a list per input text."""
         it = iter(items)
-        return [[next(it) for _ in segments] for segments, _ in self.texts]
+        per_node = [[next(it) for _ in segments] for segments, _ in self.texts]
+        if self.documents is None:
+            return per_node
+        nodes = iter(per_node)
+        return [[item for _ in document.texts for item in next(nodes)] for document in self.documents]
 
 
 def split_job(job: Job) -> Split:
-    return Split([split_sentences(text) for text in job.texts])
+    return Split([split_sentences(text) for text in job.plain_texts], job.documents)
 
 
 def encode_sentences(served: ServedModel, sentences: list[str],
@@ -324,7 +410,7 @@ async def translate_sentences(state: ServerState, served: ServedModel, pieces: l
     batcher = state.batchers[served.name]
     try:
         return await batcher.translate(pieces, job.beam_size, max_length, state.settings.request_timeout_s,
-                                       client=client, scores=scores)
+                                       client=client, scores=scores, num_hypotheses=job.alternatives + 1)
     except QueueFull as err:
         raise ApiError(503, str(err), {"Retry-After": str(err.retry_after_s)}) from err
     except DeadlineExceeded as err:
@@ -338,14 +424,24 @@ async def translate_sentences(state: ServerState, served: ServedModel, pieces: l
 
 def assemble(model: str, split: Split, sentences: list[Sentence], started: float,
              results: list[SentenceResult]) -> Translation:
-    """The translated sentences joined back into texts, with the request's timing."""
+    """The translated sentences joined back into texts, with the request's timing.
+
+    Alternative k of a text joins its sentences' k-th best outputs (a sentence's best where its
+    list is shorter); alternatives equal to the translation or to each other are dropped.
+    """
+    texts = split.join([sentence.text for sentence in sentences])
+    ranks = max((len(sentence.alternatives) for sentence in sentences), default=0)
+    ranked = [split.join([sentence.alternatives[rank] if rank < len(sentence.alternatives) else sentence.text
+                          for sentence in sentences]) for rank in range(ranks)]
     return Translation(
         model=model,
-        texts=split.join([sentence.text for sentence in sentences]),
+        texts=texts,
         total_ms=(time.perf_counter() - started) * 1000,
-        queue_ms=max(result.queued_s for result in results) * 1000,
-        translate_ms=max(result.compute_s for result in results) * 1000,
+        queue_ms=max((result.queued_s for result in results), default=0.0) * 1000,
+        translate_ms=max((result.compute_s for result in results), default=0.0) * 1000,
         sentences=split.per_text(sentences),
+        alternatives=[list(dict.fromkeys(other for other in others if other != best))
+                      for best, *others in zip(texts, *ranked, strict=True)],
     )
 
 
@@ -353,9 +449,10 @@ async def translate(state: ServerState, served: ServedModel | Cascade, job: Job,
                     client: ClientWatch | None = None) -> Translation:
     """Splits every text into sentences, translates them all as one submission, joins them back.
 
-    Given the request's :func:`client_watch`, a client that disconnects while its sentences wait
-    ends the request with 499 and withdraws them from the queue untranslated. A cascade
-    (``server.cascade``) translates by its own rule.
+    HTML documents are translated text node by text node, all their sentences in the same
+    submission. Given the request's :func:`client_watch`, a client that disconnects while its
+    sentences wait ends the request with 499 and withdraws them from the queue untranslated. A
+    cascade (``server.cascade``) translates by its own rule (without alternatives).
     """
     if served.name in state.cascades:
         return await state.cascades[served.name].translate(state, job, client)
@@ -366,8 +463,8 @@ async def translate(state: ServerState, served: ServedModel | Cascade, job: Job,
     results = await translate_sentences(state, served, pieces, job, max_length, client, job.confidence)
     if job.confidence:
         state.metrics.observe_confidence(served.name, [confidence(result.log_prob) for result in results])
-    sentences = [Sentence(source, result.text, served.name, result.output_tokens, result.log_prob)
-                 for source, result in zip(sources, results, strict=True)]
+    sentences = [Sentence(source, result.text, served.name, result.output_tokens, result.log_prob,
+                          result.alternatives) for source, result in zip(sources, results, strict=True)]
     return assemble(served.name, split, sentences, started, results)
 
 

@@ -18,6 +18,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from wdserve.artifacts import DEFAULT_MAX_LENGTH, OutputLimit
+from wdserve.server.detect import lingua_language
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
 CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")  # -1 = no limit
@@ -138,6 +139,15 @@ class ServeSettings(BaseSettings):
         description="each output is also held to ratio x (source tokens + 1) + margin tokens (as evaluated)")
     output_length_margin: int = Field(
         OutputLimit.margin, ge=0, description="the margin of that per-sentence limit")
+    max_alternatives: int = Field(
+        3, ge=0, description="most alternatives (other translations from the n-best list) a request may ask "
+                             "for")
+
+    # -- language detection (source "auto", /detect)
+    detect_languages: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="languages (ISO 639-1) detection weighs besides the served ones, so that text in them is "
+                    "recognised and refused; comma-separated")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -167,7 +177,7 @@ class ServeSettings(BaseSettings):
                 raise ValueError(f"cascade {name!r} needs two models, STUDENT,TEACHER; got {models}")
         return value
 
-    @field_validator("api_keys", "compare_models", mode="before")
+    @field_validator("api_keys", "compare_models", "detect_languages", mode="before")
     @classmethod
     def _parse_list(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -176,6 +186,15 @@ class ServeSettings(BaseSettings):
                 return json.loads(value)
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("detect_languages")
+    @classmethod
+    def _known_to_lingua(cls, codes: list[str]) -> list[str]:
+        unknown = [code for code in codes if lingua_language(code) is None]
+        if unknown:
+            raise ValueError(f"language detection does not know {', '.join(unknown)} (give ISO 639-1 codes "
+                             "such as de, en, fr)")
+        return [code.strip().lower() for code in codes]
 
     @model_validator(mode="after")
     def _check(self) -> ServeSettings:

@@ -120,6 +120,7 @@ class ExportInfo:
     checkpoint_sha256: str | None = None
     teacher_sha256: str | None = None
     exported_at: str | None = None
+    bleu: float | None = None  # test BLEU of the checkpoint, when the pipeline's evaluate stage has run
     # The SentencePiece files that cut source text and join output pieces; one file named twice is a
     # joint vocabulary. The defaults are what every export had before split vocabularies existed.
     source_vocab: str = EXPORT_VOCAB
@@ -262,11 +263,13 @@ class Hypothesis(NamedTuple):
     # log-probabilities over its length, </s> included, i.e. the mean log-probability per token
     # (a test checks it against score_batch). None unless return_scores was given.
     log_prob: float | None = None
+    # the next best outputs' pieces, best first, when num_hypotheses > 1 was asked for (n-best list)
+    others: tuple[list[str], ...] = ()
 
 
 def decode_bounded(translator: Any, batch: list[list[str]], beam_size: int, max_length: int,
                    limit: OutputLimit = DEFAULT_OUTPUT_LIMIT, source_end: Sequence[str] = (),
-                   return_scores: bool = False) -> list[Hypothesis]:
+                   return_scores: bool = False, num_hypotheses: int = 1) -> list[Hypothesis]:
     """``ctranslate2.Translator.translate_batch`` with every sentence held to its own ``limit``.
 
     CTranslate2's ``max_decoding_length`` applies to a whole call, so the batch runs
@@ -276,6 +279,9 @@ def decode_bounded(translator: Any, batch: list[list[str]], beam_size: int, max_
     itself (``wdserve.pieces.Tokenizer.source_end``); the limit counts ``</s>`` either way.
     ``return_scores`` asks CTranslate2 for each output's score (off by default: only callers
     that use it pay for it, though on the tiny models it cost nothing measurable).
+    ``num_hypotheses`` > 1 keeps that many outputs of CTranslate2's n-best list (the best as the
+    hypothesis, the rest as its ``others``), widening the beam to hold them as CTranslate2
+    requires; a sentence any of whose outputs went past its limit runs again.
     """
     if not batch:
         return []
@@ -283,18 +289,20 @@ def decode_bounded(translator: Any, batch: list[list[str]], beam_size: int, max_
     longest = max(limits)
     if source_end:
         batch = [[*pieces, *source_end] for pieces in batch]
-    options: dict[str, Any] = {"beam_size": beam_size, "num_hypotheses": 1}
+    options: dict[str, Any] = {"beam_size": max(beam_size, num_hypotheses), "num_hypotheses": num_hypotheses}
     if return_scores:  # only when asked, so calls without it stay exactly what they were
         options["return_scores"] = True
 
     def hypothesis(result: Any) -> Hypothesis:
-        return Hypothesis(result.hypotheses[0], result.scores[0] if return_scores else None)
+        return Hypothesis(result.hypotheses[0], result.scores[0] if return_scores else None,
+                          tuple(result.hypotheses[1:]))
 
     outputs = [hypothesis(result) for result in translator.translate_batch(
         batch, max_decoding_length=longest, **options)]
     again: dict[int, list[int]] = {}
     for i, output in enumerate(outputs):
-        if limits[i] < longest and len(output.tokens) >= limits[i]:
+        longest_output = max(len(tokens) for tokens in (output.tokens, *output.others))
+        if limits[i] < longest and longest_output >= limits[i]:
             again.setdefault(limits[i], []).append(i)
     for own_limit, indices in again.items():
         results = translator.translate_batch([batch[i] for i in indices], max_decoding_length=own_limit,

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -345,6 +346,15 @@ class Pipeline:
         convert_checkpoint(checkpoint, out, quantization=quantization, name=name, force=True)
         return out
 
+    def record_bleu(self, name: str, bleu: float) -> None:
+        """Each export of ``name`` carries its checkpoint's test BLEU in model.json, where the server's
+        /models and side-by-side page read it (an export knows what it is; the report is the run's)."""
+        for quantization in self.config.export.quantizations:
+            out = self.rundir.export_dir(name, quantization)
+            if (out / EXPORT_INFO).is_file():
+                export = ExportDir.read(out)
+                ExportDir.write_info(out, replace(export.info, bleu=round(bleu, 2)))
+
     def stage_evaluate(self) -> None:
         import torch
 
@@ -365,6 +375,7 @@ class Pipeline:
             })
             log.info("%s: BLEU %.2f chrF %.2f (%d parameters)", name, entry["test"]["bleu"],
                      entry["test"]["chrf"], entry["parameters"])
+            self.record_bleu(name, entry["test"]["bleu"])
             self.write_report()
         self.report["groups"] = seed_groups(self.report["models"])
         # The floor a trained teacher must clear: the same architecture, untrained.

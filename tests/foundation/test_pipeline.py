@@ -65,8 +65,11 @@ def test_report_scores_every_model_and_the_teacher_beats_an_untrained_one(run):
     assert models["student"]["method"] == "wd" and models["student-kd-s1"]["method"] == "seqkd"
     assert [models[f"student-kd-s{seed}"]["seed"] for seed in (1, 2)] == [1, 2]
     assert models["student"]["seed"] == 3  # the pipeline's
-    for entry in models.values():
+    for name, entry in models.items():
         assert entry["test"]["bleu_signature"].startswith("nrefs:1")
+        for quantization in ("int8", "float32"):  # what the server's /models and page show
+            metadata = json.loads((workdir / "export" / f"{name}-{quantization}" / "model.json").read_text())
+            assert metadata["bleu"] == round(entry["test"]["bleu"], 2)
         assert entry["parameters"] > 0
         assert entry["parity"]["float32_parity"] is True
     assert models["student"]["parameters"] < models["teacher"]["parameters"]

@@ -95,7 +95,7 @@ async def main_async(args: argparse.Namespace) -> None:
     service.translate = canned_translate  # both app versions call service.translate at request time
     modules = [load_app_module(path, index) for index, path in enumerate(args.apps)]
     apps = [module.create_app(settings, registry) for module in modules]
-    sentence = {"q": "this book finds a tree", "source": "auto", "target": None}
+    sentence = {"q": "this book finds a tree", "target": None}
     requests = [
         ("translate json", "/translate", json.dumps(sentence).encode(), b"application/json"),
         ("translate form", "/translate", b"q=this+book+finds+a+tree", b"application/x-www-form-urlencoded"),

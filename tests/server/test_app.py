@@ -64,13 +64,13 @@ def test_libretranslate_shape_string_and_list(tiny_workdir: Path, registry: Mode
             assert rendered_from(TranslateResponse, body)
 
             many = await client.post("/translate", json={
-                "q": [SENTENCE, "this child helps a tree"], "source": "auto", "target": "yy",
+                "q": [SENTENCE, "this child helps a tree"], "target": "yy",
                 "format": "text", "api_key": "", "alternatives": 0, "model": "teacher", "beam_size": 1})
             assert many.status_code == 200, many.text
             body = many.json()
             assert isinstance(body["translatedText"], list) and len(body["translatedText"]) == 2
             assert body["model"] == "teacher-int8"
-            assert body["detectedLanguage"] == {"confidence": 100.0, "language": "xx"}
+            assert "detectedLanguage" not in body and "alternatives" not in body  # not asked for
             assert rendered_from(TranslateResponse, body)
 
             # LibreTranslate's Python client posts form-encoded fields
@@ -150,14 +150,19 @@ BAD_REQUESTS = [  # (body or raw bytes, content type, status, words the error mu
     (b'{"q": "lone \\ud800 surrogate"}', "application/json", 400, "UTF-8"),
     ({"q": "hi", "model": "nope"}, None, 400, "unknown model 'nope'"),
     ({"q": "hi", "source": "de", "target": "en"}, None, 400, "de -> en"),
-    ({"q": "hi", "model": "teacher", "target": "en"}, None, 400, "not auto -> en"),
+    ({"q": "hi", "model": "teacher", "target": "en"}, None, 400, "not any -> en"),
     ({"q": "hi", "beam_size": 0}, None, 422, "beam_size"),
     ({"q": "hi", "beam_size": 5}, None, 422, "1..4"),
     ({"q": "hi", "beam_size": "wide"}, None, 422, "beam_size"),
     ({"q": "hi", "beam_size": True}, None, 422, "boolean"),
     ({"q": "hi", "max_length": 0}, None, 422, "max_length"),
     ({"q": "hi", "max_length": 65}, None, 422, "1..64"),
-    ({"q": "hi", "format": "html"}, None, 422, "format"),
+    ({"q": "hi", "format": "xml"}, None, 422, "format"),
+    ({"q": "hi", "alternatives": 4}, None, 422, "alternatives: 4 is out of range 0..3"),
+    ({"q": "hi", "alternatives": -1}, None, 422, "alternatives"),
+    ({"q": "hi", "alternatives": "many"}, None, 422, "alternatives"),
+    ({"q": "hi", "source": "auto"}, None, 400, "lingua knows none of the served source languages (xx)"),
+    ({"q": "<p>x</p><![foo[ y ]]>", "format": "html"}, None, 400, "HTML the parser cannot read"),
     ({"q": LONG}, None, 400, "at most 127"),
 ]
 
@@ -239,9 +244,9 @@ def slow_translate(served, seconds: float):
     """A model fault/overload stand-in: the real translation, after a pause."""
     real = served.translate_texts
 
-    def translate_texts(batch, beam_size, max_length):
+    def translate_texts(batch, *options):
         time.sleep(seconds)
-        return real(batch, beam_size, max_length)
+        return real(batch, *options)
 
     return translate_texts
 
@@ -292,11 +297,11 @@ def test_model_fault_is_a_500_json_error_and_serving_continues(tiny_workdir: Pat
     real = served.translate_texts
     calls = []
 
-    def flaky(batch, beam_size, max_length):
+    def flaky(batch, *options):
         calls.append(len(batch))
         if len(calls) == 1:
             raise RuntimeError("simulated CTranslate2 failure")
-        return real(batch, beam_size, max_length)
+        return real(batch, *options)
 
     monkeypatch.setattr(served, "translate_texts", flaky)
 
@@ -314,8 +319,8 @@ def test_openapi_documents_every_route_and_error(tiny_workdir: Path, registry: M
         async with serving(settings_for(tiny_workdir), registry) as client:
             spec = (await client.get("/openapi.json")).json()
         paths = spec["paths"]
-        assert set(paths) == {"/translate", "/translate/compare", "/languages", "/models", "/health",
-                              "/ready", "/metrics"}
+        assert set(paths) == {"/translate", "/translate/compare", "/detect", "/languages", "/models",
+                              "/frontend/settings", "/health", "/ready", "/metrics", "/"}
         for route in ("/translate", "/translate/compare"):
             operation = paths[route]["post"]
             assert {"400", "403", "413", "415", "422", "503", "504"} <= set(operation["responses"])
@@ -339,7 +344,8 @@ def test_before_the_models_load_every_model_route_answers_503(tiny_workdir: Path
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://wdserve") as client:
             for method, path in (("POST", "/translate"), ("POST", "/translate/compare"), ("GET", "/models"),
-                                 ("GET", "/languages"), ("GET", "/ready")):
+                                 ("GET", "/languages"), ("GET", "/ready"), ("POST", "/detect"),
+                                 ("GET", "/frontend/settings")):
                 response = await client.request(method, path, json={"q": SENTENCE})
                 assert response.status_code == 503, (path, response.text)
                 assert response.json() == {"error": "models are not loaded yet"}

@@ -50,6 +50,29 @@ def test_concurrent_requests_share_calls_and_get_their_own_answers() -> None:
     assert sum(s.output_tokens for s in stats) == 20
 
 
+def test_hypotheses_reach_the_model_and_requests_asking_for_more_never_share_a_call() -> None:
+    calls: list[tuple] = []
+
+    def n_best(batch, beam_size, max_length, *options):
+        calls.append((len(batch), *options))
+        if not options:
+            return [(" ".join(pieces), len(pieces)) for pieces in batch]
+        _, num_hypotheses = options  # (return_scores, num_hypotheses): given only when asking for more
+        texts = [" ".join(pieces) for pieces in batch]
+        return [(text, len(pieces), None, [f"{text} #{k}" for k in range(1, num_hypotheses)])
+                for text, pieces in zip(texts, batch, strict=True)]
+
+    async def scenario(batcher: Batcher):
+        return await asyncio.gather(batcher.translate([["a"]], 1, 10, timeout_s=5),
+                                    batcher.translate([["b"]], 1, 10, timeout_s=5, num_hypotheses=3),
+                                    batcher.translate([["c"]], 1, 10, timeout_s=5, num_hypotheses=3))
+
+    (plain, b, c), _ = asyncio.run(with_batcher(n_best, scenario, max_batch_size=8, max_wait_s=0.05))
+    assert sorted(calls) == [(1,), (2, False, 3)]
+    assert (plain[0].text, plain[0].alternatives) == ("a", [])
+    assert (b[0].text, b[0].alternatives, c[0].alternatives) == ("b", ["b #1", "b #2"], ["c #1", "c #2"])
+
+
 def test_token_budget_and_decoding_options_split_batches() -> None:
     model = FakeModel()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -165,46 +166,79 @@ def test_cascade_sends_exactly_the_unsure_sentences_to_the_teacher(tiny_workdir:
     run(scenario())
 
 
-def slow(served: Any, seconds: float) -> Any:
-    real = served.translate_texts
+# A held model holds one translate thread: two, so the other model still runs beside it (as on 2 cores)
+TWO_THREADS = {"inter_threads": 2, "intra_threads": 1}
 
-    def translate_texts(batch: list[list[str]], *args: Any) -> Any:
-        time.sleep(seconds)
-        return real(batch, *args)
 
-    return translate_texts
+class Gate:
+    """A served model's translate call held until the test opens the gate: "the teacher is busy"
+    without sleeps or wall-clock bounds, which a loaded machine stretches."""
+
+    def __init__(self, served: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.real = served.translate_texts
+        self.event = threading.Event()
+        self.entered = 0  # calls that reached the gate
+        self.broken = False
+        monkeypatch.setattr(served, "translate_texts", self.translate_texts)
+
+    def translate_texts(self, batch: list[list[str]], *args: Any) -> Any:
+        self.entered += 1
+        if not self.event.wait(timeout=60):
+            raise RuntimeError("the test never opened the gate")
+        if self.broken:
+            raise RuntimeError("simulated model fault")
+        return self.real(batch, *args)
+
+    def open(self) -> None:
+        self.event.set()
+
+    def close(self) -> None:
+        self.event.clear()
+
+    async def until_entered(self, calls: int) -> None:
+        await until(lambda: self.entered >= calls, f"{calls} calls at the gate")
+
+
+async def until(condition: Any, what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never: {what}")
+        await asyncio.sleep(0.01)
+
+
+async def until_metric(client: Any, sample: str, value: float, **labels: str) -> str:
+    deadline = time.monotonic() + 30
+    while True:
+        text = (await client.get("/metrics")).text
+        if metric(text, sample, **labels) == value:
+            return text
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{sample} {labels} never reached {value}")
+        await asyncio.sleep(0.02)
 
 
 def test_cascade_keeps_the_student_when_the_teacher_is_busy_or_fails(tiny_workdir: Path,
                                                                     registry: ModelRegistry,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    teacher = registry.models[TEACHER]
-    slow_teacher = slow(teacher, 0.6)
-    broken = False
-
-    def teacher_translate(*args: Any) -> Any:
-        if broken:
-            raise RuntimeError("simulated teacher fault")
-        return slow_teacher(*args)
-
-    monkeypatch.setattr(teacher, "translate_texts", teacher_translate)
+    gate = Gate(registry.models[TEACHER], monkeypatch)
     request = {"q": SENTENCE, "model": "fast", "cascade_threshold": 1.0, **GREEDY}
-    settings = cascade_settings(tiny_workdir, max_batch_size=1, max_wait_ms=0)
+    settings = cascade_settings(tiny_workdir, max_batch_size=1, max_wait_ms=0, **TWO_THREADS)
 
     async def scenario() -> None:
         async with serving(settings, registry) as client:
             # the teacher runs one request and has a batch's worth (one sentence) waiting: a backlog
             blockers = [asyncio.create_task(client.post("/translate", json={"q": SENTENCE, "model": TEACHER}))
                         for _ in range(2)]
-            await asyncio.sleep(0.2)
-            started = time.perf_counter()
+            await gate.until_entered(1)
+            await until_metric(client, "wdserve_queue_depth", 1, model=TEACHER)
             busy = await client.post("/translate", json=request)
-            assert time.perf_counter() - started < 0.5  # did not wait for the teacher
+            assert not gate.event.is_set()  # answered while the teacher was still held: it did not wait
             assert busy.status_code == 200 and busy.json()["sentences"][0]["model"] == STUDENT
+            gate.open()
             await asyncio.gather(*blockers)
 
-            nonlocal broken
-            broken = True
+            gate.broken = True
             failed = await client.post("/translate", json=request)
             assert failed.status_code == 200 and failed.json()["sentences"][0]["model"] == STUDENT
             metrics = (await client.get("/metrics")).text
@@ -216,8 +250,8 @@ def test_cascade_keeps_the_student_when_the_teacher_is_busy_or_fails(tiny_workdi
 def test_a_client_that_leaves_withdraws_its_fallback(tiny_workdir: Path, registry: ModelRegistry,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     teacher = registry.models[TEACHER]
-    monkeypatch.setattr(teacher, "translate_texts", slow(teacher, 0.5))
-    settings = cascade_settings(tiny_workdir, max_batch_size=4, max_wait_ms=0)
+    gate = Gate(teacher, monkeypatch)
+    settings = cascade_settings(tiny_workdir, max_batch_size=4, max_wait_ms=0, **TWO_THREADS)
 
     async def scenario() -> None:
         app = create_app(settings, registry)
@@ -225,20 +259,18 @@ def test_a_client_that_leaves_withdraws_its_fallback(tiny_workdir: Path, registr
             state = app.state.server
             teacher_batcher = state.batchers[TEACHER]
             running = asyncio.create_task(teacher_batcher.translate([teacher.encode(SENTENCE)], 1, 24, 30))
-            await asyncio.sleep(0.1)  # the teacher is busy: the fallback will wait in its queue
+            await gate.until_entered(1)  # the teacher is busy: the fallback will wait in its queue
             watch = ClientWatch()
             job = Job(sources_of(tiny_workdir, 3), 1, 24, cascade_threshold=1.0)
             cascade = asyncio.create_task(state.cascades["fast"].translate(state, job, watch))
-            for _ in range(100):
-                if teacher_batcher.depth == 3:
-                    break
-                await asyncio.sleep(0.01)
-            assert teacher_batcher.depth == 3
+            await until(lambda: teacher_batcher.depth == 3, "the fallback's 3 sentences queued")
             watch.lost()
             with pytest.raises(ApiError) as left:
                 await cascade
             assert left.value.status == 499 and teacher_batcher.depth == 0
+            gate.open()
             await running
+            assert gate.entered == 1  # the withdrawn sentences never reached the teacher
             metrics = app.state.server.metrics.registry
             assert metrics.get_sample_value("wdserve_cancelled_sentences_total", {"model": TEACHER}) == 3
 
@@ -309,41 +341,36 @@ def test_shadow_agreement_falls_when_a_worse_student_is_served(tiny_workdir: Pat
 
 def test_shadow_work_never_delays_an_answer_and_is_dropped_first(tiny_workdir: Path, registry: ModelRegistry,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    reference = registry.models[TEACHER]
-    monkeypatch.setattr(reference, "translate_texts", slow(reference, 0.5))
+    gate = Gate(registry.models[TEACHER], monkeypatch)
     settings = settings_for(tiny_workdir, shadow_rate=1.0, shadow_model=TEACHER, shadow_queue_size=1,
-                            max_batch_size=1, max_wait_ms=0)
+                            max_batch_size=1, max_wait_ms=0, **TWO_THREADS)
     student = {"q": SENTENCE, "model": STUDENT, **GREEDY}
 
-    async def answered_fast(client: Any) -> None:
-        started = time.perf_counter()
+    async def answered_while_the_reference_is_held(client: Any) -> None:
         assert (await client.post("/translate", json=student)).status_code == 200
-        assert time.perf_counter() - started < 0.3  # the reference takes 0.5 s a call
-
-    async def wait_for(client: Any, sample: str, value: float, **labels: str) -> str:
-        for _ in range(150):
-            text = (await client.get("/metrics")).text
-            if metric(text, sample, **labels) == value:
-                return text
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"{sample} {labels} never reached {value}")
+        assert not gate.event.is_set()  # the answer did not wait for its shadow
 
     async def scenario() -> None:
         async with serving(settings, registry) as client:
             # users keep the reference busy, one request running and a batch's worth queued
             users = [asyncio.create_task(client.post("/translate", json={"q": SENTENCE, "model": TEACHER}))
                      for _ in range(2)]
-            await asyncio.sleep(0.1)
-            await answered_fast(client)
-            await wait_for(client, "wdserve_shadow_dropped_total", 1, model=STUDENT, reason="busy")
+            await gate.until_entered(1)
+            await until_metric(client, "wdserve_queue_depth", 1, model=TEACHER)
+            await answered_while_the_reference_is_held(client)
+            await until_metric(client, "wdserve_shadow_dropped_total", 1, model=STUDENT, reason="busy")
+            gate.open()
             await asyncio.gather(*users)
 
-            await answered_fast(client)  # its shadow goes to the idle reference
-            await asyncio.sleep(0.05)
-            await answered_fast(client)  # waits in the shadow queue (one place)
-            await answered_fast(client)  # finds it full
-            await wait_for(client, "wdserve_shadow_dropped_total", 1, model=STUDENT, reason="queue")
-            await wait_for(client, "wdserve_shadow_chrf_count", 2, model=STUDENT)
+            gate.close()
+            entered = gate.entered
+            await answered_while_the_reference_is_held(client)  # its shadow goes to the idle reference
+            await gate.until_entered(entered + 1)
+            await answered_while_the_reference_is_held(client)  # waits in the shadow queue (one place)
+            await answered_while_the_reference_is_held(client)  # finds it full
+            await until_metric(client, "wdserve_shadow_dropped_total", 1, model=STUDENT, reason="queue")
+            gate.open()
+            await until_metric(client, "wdserve_shadow_chrf_count", 2, model=STUDENT)
             shadow = {m["name"]: m for m in (await client.get("/models")).json()}[STUDENT]["shadow"]
             assert shadow["sentences"] == 2 and shadow["dropped_requests"] == 2
 

@@ -84,7 +84,7 @@ def build_detector(registry: ModelRegistry, settings: ServeSettings) -> Language
     """Detection among the served languages and ``detect_languages`` (loads lingua's models for them)."""
     pairs = registry.pairs()
     return LanguageDetector({source for source, _ in pairs}, {target for _, target in pairs},
-                            settings.detect_languages)
+                            settings.detect_languages, settings.detect_screen_share)
 
 
 def check_serving_plan(settings: ServeSettings, registry: ModelRegistry) -> None:

@@ -148,6 +148,11 @@ class ServeSettings(BaseSettings):
         default_factory=list,
         description="languages (ISO 639-1) detection weighs besides the served ones, so that text in them is "
                     "recognised and refused; comma-separated")
+    detect_screen_share: float = Field(
+        0.05, ge=0, le=1,
+        description="a text of three words or more is refused when every language detection knows is weighed "
+                    "and the candidates get less than this share together (lingua's low-accuracy models, "
+                    "+75 MB); 0 = no screen")
 
     @field_validator("models", mode="before")
     @classmethod

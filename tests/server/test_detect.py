@@ -59,3 +59,28 @@ def test_the_rivals_setting_takes_codes_lingua_knows() -> None:
     assert ServeSettings(detect_languages=" FR, es").detect_languages == ["fr", "es"]
     with pytest.raises(ValidationError, match="does not know zz"):
         ServeSettings(detect_languages="fr,zz")
+
+
+@pytest.fixture(scope="module")
+def de_en_screened() -> LanguageDetector:
+    return LanguageDetector(sources=["de"], targets=["en"], screen_share=0.05)
+
+
+@pytest.mark.parametrize("text", [FRENCH, "Un perro corre en el parque.", "Due cani giocano nella neve.",
+                                  "Twee honden spelen in de sneeuw.", "Два человека идут по улице."])
+def test_the_screen_refuses_a_language_nobody_listed(de_en_screened: LanguageDetector, text: str) -> None:
+    unscreened = LanguageDetector(sources=["de"], targets=["en"])
+    with pytest.raises(DetectionError, match="looks like (?!de|en).*among every language"):
+        de_en_screened.detect_source(text)
+    # without the screen the text is taken for a candidate (or for nothing): the reason the screen exists
+    try:
+        answer = unscreened.detect_source(text).language
+    except DetectionError as err:
+        answer = str(err)
+    assert answer == "de" or "looks like en" in answer or "cannot tell" in answer
+
+
+@pytest.mark.parametrize("text", [GERMAN, "Das ist gut.", "Zwei Hunde spielen im Schnee.", "Hund"])
+def test_the_screen_lets_the_served_language_through(de_en_screened: LanguageDetector, text: str) -> None:
+    # "Hund" alone the screen takes for Danish: under three words the candidates decide
+    assert de_en_screened.detect_source(text).language == "de"

@@ -135,7 +135,8 @@ class CKDOptions:
         object.__setattr__(self, "sides", tuple(self.sides))
         unknown = [side for side in self.sides if side not in CKD_SIDES]
         if unknown or not self.sides or len(set(self.sides)) != len(self.sides):
-            raise ValueError(f"sides: give one or both of {list(CKD_SIDES)}, each once, got {list(self.sides)}")
+            raise ValueError(f"sides: give one or both of {list(CKD_SIDES)}, each once, "
+                             f"got {list(self.sides)}")
         check_ckd_mapping(self.mapping, "mapping")
         if self.decoder_mapping is not None:
             check_ckd_mapping(self.decoder_mapping, "decoder_mapping")

@@ -1,9 +1,9 @@
 """Combinatorial intermediate-layer KD (Wu et al., EMNLP 2020, "Why Skip If You Can Combine").
 
-Each supervised student layer ``i`` is supervised by a *group* of teacher layers of the same stack:
-their outputs are concatenated, ``h_T = [t_{j1}; t_{j2}; ...]`` (width ``|group| * teacher_dim``), a
-learned linear map ``W_i`` projects the student's output ``s_i`` to that width, and both are compared
-after L2 normalisation::
+Student layer ``i`` of a supervised stack (encoder or decoder) is compared with a *group* of teacher
+layers of the same stack: their outputs are concatenated, ``h_T = [t_{j1}; t_{j2}; ...]`` (width
+``|group| * teacher_dim``), a learned linear map ``W_i`` projects the student's output ``s_i`` to that
+width, and both are compared after L2 normalisation::
 
     d(i, x) = || W_i s_i(x) / ||W_i s_i(x)|| - h_T(x) / ||h_T(x)|| ||^2
     intermediate = sum over student encoder layers i and non-pad source tokens x of d(i, x)

@@ -293,8 +293,15 @@ class Decoder(nn.Module):
         memory: torch.Tensor,
         memory_mask: torch.Tensor,
         state: DecoderState | None = None,
-    ) -> torch.Tensor:
-        """Logits (B, T, V). With ``state``, ``tgt_in`` holds only the new step(s)."""
+        return_hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits (B, T, V). With ``state``, ``tgt_in`` holds only the new step(s).
+
+        With ``return_hidden`` (teacher forcing only), (logits, each layer's output (B, T, dec_dim)
+        before the final norm), the states the encoder's ``return_hidden`` gives for its side.
+        """
+        if return_hidden and state is not None:
+            raise ValueError("return_hidden is for teacher-forced decoding, not with a DecoderState")
         offset = 0 if state is None else state.length
         x = self.embedding(tgt_in, offset)
         t = tgt_in.size(1)
@@ -303,6 +310,7 @@ class Decoder(nn.Module):
         else:  # one new step attends to everything cached so far
             self_mask = None if t == 1 else torch.ones(t, offset + t, dtype=torch.bool,
                                                        device=tgt_in.device).tril(offset)
+        hidden = []
         for i, layer in enumerate(self.layers):
             if state is None:
                 memory_kv = layer.cross_attn.project_kv(memory)
@@ -312,11 +320,14 @@ class Decoder(nn.Module):
                     state.memory_kv.append(layer.cross_attn.project_kv(memory))
                 memory_kv, cache = state.memory_kv[i], state.self_kv[i]
             x = layer(x, self_mask, memory_kv, memory_mask, cache)
+            if return_hidden:
+                hidden.append(x)  # (B, T, dec_dim)
         if state is not None:
             state.length += t
         if self.final_norm is not None:
             x = self.final_norm(x)
-        return self.output_proj(x)
+        logits = self.output_proj(x)  # (B, T, V)
+        return (logits, hidden) if return_hidden else logits
 
 
 class DecoderState:
@@ -359,6 +370,15 @@ class Transformer(nn.Module):
         """Teacher-forced logits (B, T, V) for source (B, S) and decoder input (B, T)."""
         memory, memory_mask, _ = self.encoder(src)
         return self.decoder(tgt_in, memory, memory_mask)
+
+    def forward_with_hidden(
+        self, src: torch.Tensor, tgt_in: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """``forward``'s logits, plus each encoder layer's output (B, S, enc_dim) and each decoder
+        layer's (B, T, dec_dim), both before their stack's final norm (intermediate-layer KD reads them)."""
+        memory, memory_mask, encoder_hidden = self.encoder(src, return_hidden=True)
+        logits, decoder_hidden = self.decoder(tgt_in, memory, memory_mask, return_hidden=True)
+        return logits, encoder_hidden, decoder_hidden
 
     def start_state(self) -> DecoderState:
         return DecoderState(self.config.dec_layers)

@@ -31,8 +31,10 @@ dict accepts any ``distill.train.TrainConfig`` field):
   turns it off; ``gated-ws`` default none, not measured with it), own_from (gated-ws: the trained
   student whose weights start ``W_own``; default a fresh one)]
 - ``ckd``: combinatorial intermediate-layer KD from scratch. [train, encoder_from_teacher,
-  ckd = {mapping: regular_comb|overlap|cross_comb|skip_comb|skip_middle, alpha: 0.5, beta: 0.1,
-  temperature: 1.0, reduction: mean|sum}]
+  ckd = {sides: [encoder] (or [decoder], [encoder, decoder]),
+  mapping: regular_comb|overlap|cross_comb|skip_comb|skip_middle (the encoder's),
+  decoder_mapping (default: mapping), alpha: 0.5, beta: 0.1, temperature: 1.0, reduction: mean|sum}
+  (``wdserve.config.CKDOptions``)]
 
 Every run goes through ``distill.train.train``: rerunning resumes, and a finished phase is not
 trained again. The final student is always ``out_dir/checkpoint_best.pt``, an ordinary checkpoint
@@ -46,13 +48,12 @@ from pathlib import Path
 from typing import Any
 
 from wdserve.artifacts import CHECKPOINT
-from wdserve.config import DEFAULT_SEED, PRESETS, StudentSpec
+from wdserve.config import DEFAULT_SEED, PRESETS, CKDOptions, StudentSpec
 from wdserve.distill.model import ModelConfig
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WORD_KD = {"alpha": 0.5, "temperature": 1.0}
-DEFAULT_CKD = {"mapping": "regular_comb", "alpha": 0.5, "beta": 0.1, "temperature": 1.0, "reduction": "mean"}
 
 
 def preset_fields(teacher: ModelConfig, preset: str) -> dict[str, Any]:
@@ -157,10 +158,14 @@ def train_student(
     if method == "ckd":
         from wdserve.distill.ckd import CKDLoss, CKDStudent, ckd_groups, student_of
 
-        ckd = {**DEFAULT_CKD, **(spec.ckd or {})}
-        groups = ckd_groups(teacher.config.enc_layers, student_cfg.enc_layers, ckd.pop("mapping"))
-        module = CKDStudent(student, teacher.config.enc_dim, groups).to(device)
-        loss_fn = CKDLoss(teacher, label_smoothing=cfg.label_smoothing, **ckd)
+        ckd = spec.ckd or CKDOptions()
+        layers = {"encoder": (teacher.config.enc_layers, student_cfg.enc_layers),
+                  "decoder": (teacher.config.dec_layers, student_cfg.dec_layers)}
+        groups = {side: ckd_groups(*layers[side], ckd.mapping_of(side), side) for side in ckd.sides}
+        module = CKDStudent(student, teacher.config.enc_dim, groups.get("encoder", []),
+                            groups.get("decoder", []), teacher.config.dec_dim).to(device)
+        loss_fn = CKDLoss(teacher, alpha=ckd.alpha, beta=ckd.beta, temperature=ckd.temperature,
+                          label_smoothing=cfg.label_smoothing, reduction=ckd.reduction)
         result = train(module, vocab, examples, valid_pairs, cfg, out_dir, {**meta, "ckd_groups": groups},
                        loss_fn=loss_fn, student_of=student_of)
     else:

@@ -24,6 +24,10 @@ PHASED = ("wd", "ws", "gated-ws")  # a generator phase, then (optionally) fine-t
 PRESETS = ("stu1", "stu2")  # student shapes relative to the teacher (distill/students.py)
 STUDENT_DATA = ("seqkd", "bitext")
 WD_OPTIONS = {"projections": ("shared", "per-tensor"), "init": ("tanh", "teacher")}  # distill/wd.py
+CKD_MAPPINGS = ("regular_comb", "overlap", "cross_comb", "skip_comb", "skip_middle")  # distill/ckd.py
+CKD_RENAMED = {"regular": "regular_comb", "skip": "cross_comb", "cross": "skip_comb"}  # before issue #15
+CKD_SIDES = ("encoder", "decoder")
+CKD_REDUCTIONS = ("sum", "mean")
 DEFAULT_SEED = 1
 
 T = TypeVar("T")
@@ -102,6 +106,48 @@ class SeqKDConfig:
     with_bitext: bool = True  # the weight-distillation paper trains on bitext + distilled data
 
 
+def check_ckd_mapping(mapping: str, what: str = "mapping") -> None:
+    """Refuses a mapping name that is not one of ``CKD_MAPPINGS``, naming the new name of an old one."""
+    if mapping in CKD_RENAMED:
+        raise ValueError(f"CKD {what} {mapping!r} was renamed to the authors' {CKD_RENAMED[mapping]!r}")
+    if mapping not in CKD_MAPPINGS:
+        raise ValueError(f"unknown CKD {what} {mapping!r}; expected one of {list(CKD_MAPPINGS)}")
+
+
+@dataclass(frozen=True)
+class CKDOptions:
+    """A CKD student's ``ckd:`` (``distill/ckd.py``): which stacks have their layers supervised
+    (``sides``), by which teacher layers (``mapping`` for the encoder, as the authors'
+    ``--enc_distillation_mode``; ``decoder_mapping`` for the decoder, their ``--dec_distillation_mode``,
+    default the encoder's), and the loss's weights. The defaults are measured (README, issue #15)."""
+
+    sides: tuple[str, ...] = ("encoder",)
+    mapping: str = "regular_comb"
+    decoder_mapping: str | None = None  # None: the same as ``mapping``
+    alpha: float = 0.5
+    beta: float = 0.1
+    temperature: float = 1.0
+    reduction: str = "mean"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sides, str) or not isinstance(self.sides, (list, tuple)):
+            raise ValueError(f"sides: give a list such as [encoder, decoder], got {self.sides!r}")
+        object.__setattr__(self, "sides", tuple(self.sides))
+        unknown = [side for side in self.sides if side not in CKD_SIDES]
+        if unknown or not self.sides or len(set(self.sides)) != len(self.sides):
+            raise ValueError(f"sides: give one or both of {list(CKD_SIDES)}, each once, "
+                             f"got {list(self.sides)}")
+        check_ckd_mapping(self.mapping, "mapping")
+        if self.decoder_mapping is not None:
+            check_ckd_mapping(self.decoder_mapping, "decoder_mapping")
+        if self.reduction not in CKD_REDUCTIONS:
+            raise ValueError(f"reduction must be one of {list(CKD_REDUCTIONS)}, got {self.reduction!r}")
+
+    def mapping_of(self, side: str) -> str:
+        """The mapping that groups ``side``'s teacher layers."""
+        return self.mapping if side == "encoder" or self.decoder_mapping is None else self.decoder_mapping
+
+
 @dataclass(frozen=True)
 class StudentSpec:
     """One student: its shape (``preset`` and/or ``model`` fields over the teacher's), its method, the
@@ -123,7 +169,7 @@ class StudentSpec:
     wd: dict[str, Any] | None = None  # {projections: shared|per-tensor, init: tanh|teacher}
     own_from: str | None = None  # gated-ws: the student whose weights start W_own (trained earlier)
     encoder_from_teacher: bool = False  # seqkd/kd/ckd: start from the teacher's encoder, copied
-    ckd: dict[str, Any] | None = None  # {mapping, alpha, beta, temperature, reduction}
+    ckd: CKDOptions | None = None  # a mapping in the YAML, typed here
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -139,6 +185,15 @@ class StudentSpec:
             for key, value in self.wd.items():
                 if value not in WD_OPTIONS[key]:
                     raise ValueError(f"wd.{key} must be one of {list(WD_OPTIONS[key])}, got {value!r}")
+        if isinstance(self.ckd, dict):
+            known = sorted(f.name for f in fields(CKDOptions))
+            unknown = sorted(set(self.ckd) - set(known))
+            if unknown:
+                raise ValueError(f"ckd: unknown options {unknown} (known: {known})")
+            try:
+                object.__setattr__(self, "ckd", CKDOptions(**self.ckd))
+            except ValueError as err:
+                raise ValueError(f"ckd: {err}") from err
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; expected one of {list(PRESETS)}")
         if self.data not in STUDENT_DATA:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -182,3 +183,188 @@ def test_ckd_sum_is_the_mean_times_layers_and_source_tokens_in_the_loss(kit):
     assert float(loss_sum) == pytest.approx(float(summed["intermediate"]), rel=1e-6)
     per_token = float(summed["intermediate"]) / (2 * sources)
     assert float(loss_mean) == pytest.approx(per_token * data.n_tokens, rel=1e-5)
+
+
+class FixedStates(torch.nn.Module):
+    """A teacher, or a CKD student, that returns hand-made logits and layer states whatever it is given.
+
+    As a student, ``encoder`` and ``decoder`` are its projected states and ``groups`` / ``decoder_groups``
+    the teacher layers they are compared with (``CKDStudent``'s attributes)."""
+
+    def __init__(self, encoder, decoder, groups=(), decoder_groups=()) -> None:
+        super().__init__()
+        self.logits = torch.zeros(1, 3, 8)  # (1, T, V): no gold or KL loss enters with beta = 1
+        self.encoder_states, self.decoder_states = encoder, decoder
+        self.groups, self.decoder_groups = list(groups), list(decoder_groups)
+
+    def forward_with_hidden(self, src, tgt_in):
+        return self.logits, self.encoder_states, self.decoder_states
+
+    def forward(self, src, tgt_in, with_hidden=False):
+        return self.logits, self.encoder_states, self.decoder_states
+
+
+def decoder_states(pad_teacher=(9.0, 9.0), pad_student=(-1.0, 0.0, 0.0, 0.0)):
+    """One sentence: a source of three tokens, a target of two and a <pad>. Two teacher decoder layers
+    of width 2 supervise the student's one decoder layer as one group [1, 2] (regular_comb, 2 -> 1).
+
+    Position 1: unit([1,0,0,0]) against unit([t1; t2]) = [1,0,1,0]/sqrt 2: (1 - 1/sqrt 2)^2 + 1/2
+    = 2 - sqrt 2.
+    Position 2: [0,3,0,2]/sqrt 13 against [0,2,0,3]/sqrt 13: 2/13. The <pad> position counts for nothing.
+    """
+    batch = SimpleNamespace(src=torch.tensor([[6, 7, 3]]), tgt_in=torch.tensor([[2, 4, 5]]),
+                            tgt_out=torch.tensor([[4, 5, 0]]))
+    teacher = [torch.tensor([[[1.0, 0.0], [0.0, 2.0], list(pad_teacher)]]),   # layer 1
+               torch.tensor([[[1.0, 0.0], [0.0, 3.0], list(pad_teacher)]])]   # layer 2
+    student = [torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.0, 3.0, 0.0, 2.0], list(pad_student)]])]
+    return batch, teacher, student
+
+
+DECODER_SUM = 2 - 2**0.5 + 2 / 13
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_ckd_decoder_loss_matches_a_hand_computation(reduction):
+    """Through ``CKDLoss`` with alpha = 0, beta = 1: the loss is the decoder's intermediate term. The
+    mean is over 1 layer x 2 target tokens, times the 2 target tokens: the sum again here.
+    Masking with the source (no <pad> there) adds the pad position's distance and fails; so does
+    comparing with the teacher's layers in the other order ([t2; t1]: 2 - sqrt 2 and 0.615...)."""
+    batch, teacher_states, student_states = decoder_states()
+    teacher = FixedStates([], teacher_states)
+    student = FixedStates([], student_states, decoder_groups=[[1, 2]])
+    loss, stats = CKDLoss(teacher, alpha=0.0, beta=1.0, reduction=reduction)(student, batch)
+    assert float(loss) == pytest.approx(DECODER_SUM, rel=1e-6)
+    assert float(stats["intermediate_decoder"]) == pytest.approx(DECODER_SUM, rel=1e-6)
+    assert "intermediate_encoder" not in stats
+    mean = CKDLoss.intermediate(student_states, teacher_states, [[1, 2]], batch.tgt_out, "mean")
+    assert float(mean) == pytest.approx(DECODER_SUM / 2, rel=1e-6)
+
+
+def test_ckd_decoder_loss_ignores_padded_target_positions():
+    def loss(**pad_states) -> float:
+        batch, teacher_states, student_states = decoder_states(**pad_states)
+        student = FixedStates([], student_states, decoder_groups=[[1, 2]])
+        return float(CKDLoss(FixedStates([], teacher_states), alpha=0.0, beta=1.0, reduction="sum")(
+            student, batch)[0])
+
+    assert loss(pad_teacher=(-5.0, 0.5), pad_student=(0.0, 0.0, 3.0, -8.0)) == loss()
+
+
+def test_ckd_both_sides_add_the_encoder_and_decoder_terms():
+    """The encoder's hand-made states (``hand_made_states``, source [5, <pad>]) and the decoder's
+    above, under one beta as the authors add them: (2.4 - sqrt 2) + (2 - sqrt 2 + 2/13)."""
+    projected, teacher_encoder, groups, src = hand_made_states()
+    batch, teacher_decoder, student_decoder = decoder_states()
+    batch.src = src
+    teacher = FixedStates(teacher_encoder, teacher_decoder)
+    student = FixedStates(projected, student_decoder, groups=groups, decoder_groups=[[1, 2]])
+    loss, stats = CKDLoss(teacher, alpha=0.0, beta=1.0, reduction="sum")(student, batch)
+    assert float(stats["intermediate_encoder"]) == pytest.approx(2.4 - 2**0.5, rel=1e-6)
+    assert float(loss) == pytest.approx(2.4 - 2**0.5 + DECODER_SUM, rel=1e-6)
+
+
+def decoder_twin(kit, decoder_groups):
+    """A student that is the teacher (perturbed, so its layers differ), its decoder supervised with
+    identity projections: its decoder states are the teacher's, layer for layer."""
+    teacher = kit.teacher()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    module = CKDStudent(copy.deepcopy(teacher), teacher.config.enc_dim, [], decoder_groups,
+                        teacher.config.dec_dim)
+    with torch.no_grad():
+        for projection in module.decoder_projections:
+            projection.weight.copy_(torch.eye(teacher.config.dec_dim))
+            projection.bias.zero_()
+    return teacher, module
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_ckd_decoder_twin_matches_only_the_right_teacher_layers(kit, reduction):
+    teacher, module = decoder_twin(kit, ckd_groups(2, 2, "regular_comb", "decoder"))
+    data = kit.batch()
+    _, stats = CKDLoss(teacher, alpha=0.2, beta=0.7, reduction=reduction)(module, data)
+    assert float(stats["intermediate"]) < 1e-8
+    shifted = CKDStudent(module.student, teacher.config.enc_dim, [], [[2], [1]], teacher.config.dec_dim)
+    shifted.load_state_dict(module.state_dict())
+    _, stats = CKDLoss(teacher, alpha=0.2, beta=0.7, reduction=reduction)(shifted, data)
+    assert float(stats["intermediate"]) > 0.01
+
+
+def test_ckd_decoder_loss_on_a_real_model_ignores_what_the_padded_target_positions_hold(kit):
+    """Row 1 of the batch has two <pad> targets: whatever the decoder input holds there, the loss (its
+    decoder term, KL and NLL) stays the same, although the states there change (counted unmasked)."""
+    teacher = kit.teacher()
+    student = Transformer(kit.config(enc_layers=2, dec_layers=1, dec_dim=16, dec_heads=2,
+                                     share_embeddings=False))
+    module = CKDStudent(student, teacher.config.enc_dim, [], [[1, 2]], teacher.config.dec_dim)
+    loss_fn = CKDLoss(teacher, alpha=0.2, beta=0.7, reduction="sum")
+    data = kit.batch()
+
+    def unmasked() -> float:
+        _, _, projected = module(data.src, data.tgt_in, with_hidden=True)
+        _, _, hidden = teacher.forward_with_hidden(data.src, data.tgt_in)
+        return float(CKDLoss.intermediate(projected, hidden, [[1, 2]], torch.ones_like(data.tgt_out)))
+
+    before, stats = loss_fn(module, data)
+    everywhere = unmasked()
+    data.tgt_in[1, -2:] = torch.tensor([7, 9])
+    after, _ = loss_fn(module, data)
+    assert float(stats["intermediate"]) > 0.01
+    assert float(after) == pytest.approx(float(before), rel=1e-6)
+    assert unmasked() != pytest.approx(everywhere, rel=1e-3)
+
+
+@pytest.mark.parametrize("sides", [["decoder"], ["encoder", "decoder"]])
+def test_ckd_decoder_projections_receive_gradients(kit, sides):
+    teacher = kit.teacher()
+    student = Transformer(kit.config(enc_layers=2, dec_layers=1, dec_dim=16, dec_heads=2,
+                                     share_embeddings=False))
+    groups = ckd_groups(4, 2, "regular_comb") if "encoder" in sides else []
+    module = CKDStudent(student, teacher.config.enc_dim, groups, ckd_groups(2, 1, "cross_comb", "decoder"),
+                        teacher.config.dec_dim)
+    assert [p.out_features for p in module.decoder_projections] == [2 * teacher.config.dec_dim]
+    loss, stats = CKDLoss(teacher, alpha=0.3, beta=0.4)(module, kit.batch())
+    assert ("intermediate_encoder" in stats) == ("encoder" in sides)
+    loss.backward()
+    for name, p in module.named_parameters():
+        if name.startswith(("decoder_projections", "projections")):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert len(module.projections) == len(groups)
+
+
+def test_ckd_student_refuses_groups_that_do_not_fit(kit):
+    student = Transformer(kit.config(dec_layers=1))
+    with pytest.raises(ValueError, match="2 CKD groups for 1 decoder layers"):
+        CKDStudent(student, 32, [], [[1], [2]], 32)
+    with pytest.raises(ValueError, match="encoder, the decoder or both"):
+        CKDStudent(student, 32, [], [], 32)
+    with pytest.raises(ValueError, match="teacher's decoder layer count"):
+        ckd_groups(3, 2, "regular_comb", "decoder")
+
+
+def test_ckd_options_are_typed_and_refuse_what_cannot_work():
+    from wdserve.config import CKDOptions, PipelineConfig, StudentSpec
+    from wdserve.errors import ConfigError
+
+    spec = StudentSpec("s", "ckd", ckd={"sides": ["encoder", "decoder"], "mapping": "overlap"})
+    assert spec.ckd == CKDOptions(sides=("encoder", "decoder"), mapping="overlap")
+    assert (spec.ckd.mapping_of("encoder"), spec.ckd.mapping_of("decoder")) == ("overlap", "overlap")
+    assert CKDOptions(decoder_mapping="skip_middle").mapping_of("decoder") == "skip_middle"
+    assert CKDOptions().sides == ("encoder",)
+    for ckd, message in [
+        ({"sides": ["encoder", "decodr"]}, r"sides: give one or both of \['encoder', 'decoder'\]"),
+        ({"sides": "decoder"}, r"give a list such as \[encoder, decoder\]"),
+        ({"sides": []}, "sides: give one or both"),
+        ({"sides": ["decoder", "decoder"]}, "each once"),
+        ({"decoder_mapping": "cross"}, "decoder_mapping 'cross' was renamed to the authors' 'skip_comb'"),
+        ({"mapping": "diagonal"}, "unknown CKD mapping 'diagonal'"),
+        ({"reduction": "max"}, "reduction must be one of"),
+        ({"side": "decoder"}, r"ckd: unknown options \['side'\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            StudentSpec("s", "ckd", ckd=ckd)
+    config = {"teacher": {}, "data": {"synthetic": {"train": 10, "valid": 2, "test": 2}},
+              "students": [{"name": "c", "method": "ckd", "ckd": {"sides": ["middle"]}}]}
+    with pytest.raises(ConfigError, match=r"students\[0\]: ckd: sides"):
+        PipelineConfig.from_dict(config)

@@ -86,7 +86,8 @@ def test_single_phase_methods_train_a_plain_student(corpus, tmp_path, method, ca
                                             "dec_ffn": 32})
     options = {"train": FAST, "phase1": FAST, "seed": 2}
     if method == "ckd":
-        options["ckd"] = {"mapping": "overlap", "alpha": 0.3, "beta": 0.3}
+        options["ckd"] = {"sides": ["encoder", "decoder"], "mapping": "overlap",
+                          "decoder_mapping": "cross_comb", "alpha": 0.3, "beta": 0.3}
     out = tmp_path / method
     spec = StudentSpec(f"s-{method}", method, **options)
     with caplog.at_level(logging.INFO):
@@ -98,6 +99,9 @@ def test_single_phase_methods_train_a_plain_student(corpus, tmp_path, method, ca
     assert model.config == cfg
     assert state["meta"]["method"] == method
     assert state["meta"]["teacher_sha256"] == file_sha256(corpus["teacher"])
+    if method == "ckd":  # 4 teacher encoder layers -> 2, 2 decoder layers -> 1
+        assert state["meta"]["ckd_groups"] == {"encoder": [[1, 2, 3], [2, 3, 4]], "decoder": [[1, 2]]}
+        assert " intermediate_decoder " in caplog.text
     run_dir = out / "phase1" if method in ("ws", "gated-ws") else out
     first, last = losses(run_dir)
     assert last < first

@@ -45,6 +45,29 @@ def test_incremental_decoding_matches_full_forward(overrides):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", SHAPES.values(), ids=SHAPES.keys())
+def test_forward_with_hidden_gives_each_layers_state_and_the_same_logits(overrides):
+    """The states intermediate-layer KD reads: one per layer of each stack, the last of which the
+    final norm and output projection turn into ``forward``'s logits, unchanged by asking for them."""
+    torch.manual_seed(0)
+    model = Transformer(tiny(**overrides, dec_layers=3)).eval()
+    src = torch.randint(4, 60, (2, 7))
+    tgt = torch.cat([torch.full((2, 1), BOS_ID), torch.randint(4, 60, (2, 4))], dim=1)
+    logits, encoder_hidden, decoder_hidden = model.forward_with_hidden(src, tgt)
+    torch.testing.assert_close(logits, model(src, tgt), atol=0, rtol=0)
+    cfg = model.config
+    assert [h.shape for h in encoder_hidden] == [(2, 7, cfg.enc_dim)] * cfg.enc_layers
+    assert [h.shape for h in decoder_hidden] == [(2, 5, cfg.dec_dim)] * 3
+    last = decoder_hidden[-1]
+    if model.decoder.final_norm is not None:
+        last = model.decoder.final_norm(last)
+    torch.testing.assert_close(model.decoder.output_proj(last), logits)
+    assert not any(torch.allclose(a, b) for a, b in zip(decoder_hidden, decoder_hidden[1:], strict=False))
+    memory, mask, _ = model.encoder(src)
+    with pytest.raises(ValueError, match="teacher-forced"):
+        model.decoder(tgt[:, :1], memory, mask, model.start_state(), return_hidden=True)
+
+
 def test_padding_does_not_change_the_translation_of_a_sentence():
     torch.manual_seed(0)
     model = Transformer(tiny()).eval()

@@ -54,6 +54,16 @@ def available_cores() -> int:
     return max(1, cores)
 
 
+def _specs_from_text(value: Any, separator: str, parse: Any) -> Any:
+    """A map-valued setting from the environment: a JSON object, or specs joined by ``separator``."""
+    if not isinstance(value, str):
+        return value
+    value = value.strip()
+    if value.startswith("{"):
+        return json.loads(value)
+    return parse([part for part in value.split(separator) if part.strip()])
+
+
 class ServeSettings(BaseSettings):
     """Every knob of ``wdserve serve``. Field descriptions double as ``--help`` text and README table."""
 
@@ -157,22 +167,12 @@ class ServeSettings(BaseSettings):
     @field_validator("models", mode="before")
     @classmethod
     def _parse_models(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = value.strip()
-            if value.startswith("{"):
-                return json.loads(value)
-            return parse_model_specs([part for part in value.split(",") if part.strip()])
-        return value
+        return _specs_from_text(value, ",", parse_model_specs)
 
     @field_validator("cascades", mode="before")
     @classmethod
     def _parse_cascades(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = value.strip()
-            if value.startswith("{"):
-                return json.loads(value)
-            return parse_cascade_specs([part for part in value.split(";") if part.strip()])
-        return value
+        return _specs_from_text(value, ";", parse_cascade_specs)
 
     @field_validator("cascades")
     @classmethod

@@ -71,8 +71,9 @@ class DirectTranslator:
                                    source_end=self.tokenizer.source_end, return_scores=return_scores)
         for indices, hypotheses in batches:
             for i, hypothesis in zip(indices, hypotheses, strict=True):
-                if return_scores:
-                    hypothesis, log_probs[i] = hypothesis
+                if return_scores:  # a Hypothesis: pieces and score
+                    log_probs[i] = hypothesis.log_prob
+                    hypothesis = hypothesis.tokens
                 outputs[i] = self.tokenizer.decode(hypothesis)
         return outputs, log_probs
 

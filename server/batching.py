@@ -31,18 +31,25 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
-# (batch of source pieces, beam_size, max_length[, return_scores[, num_hypotheses]]) -> per sentence
-# (output text, output token count[, mean token log-probability[, the other n-best outputs' texts]]);
-# return_scores is given (True), and the third element read, only for a batch in which some request
-# asked for scores; num_hypotheses (with return_scores before it) and the fourth element only for a
-# batch asking for more than one hypothesis
-TranslateFn = Callable[..., list[tuple]]
+class Output(NamedTuple):
+    """One sentence as the model translated it."""
+
+    text: str
+    tokens: int  # output token count
+    log_prob: float | None = None  # mean log-probability per output token, when scores were asked for
+    alternatives: Sequence[str] = ()  # the other n-best outputs' texts, best first, when asked for
+
+
+# (batch of source pieces, beam_size, max_length, return_scores, num_hypotheses) -> one Output per
+# sentence; return_scores is True for a batch in which some request asked for scores
+TranslateFn = Callable[[list[list[str]], int, int, bool, int], list[Output]]
 
 
 class QueueFull(Exception):
@@ -304,15 +311,11 @@ class Batcher:
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         beam_size, max_length, num_hypotheses = batch[0].key
         scored = any(item.scores for item in batch)
-        arguments: tuple = (beam_size, max_length)
-        if num_hypotheses > 1:
-            arguments += (scored, num_hypotheses)
-        elif scored:
-            arguments += (True,)
         started = time.monotonic()
         try:
             outputs = await loop.run_in_executor(
-                self._executor, self._translate, [item.pieces for item in batch], *arguments)
+                self._executor, self._translate, [item.pieces for item in batch], beam_size, max_length,
+                scored, num_hypotheses)
         except Exception as err:  # a model fault fails this batch's requests, not the server
             log.exception("model %s: translate_batch failed for %d sentences", self.model, len(batch))
             for item in batch:
@@ -323,11 +326,10 @@ class Batcher:
         self._last_batch_s = seconds
         output_tokens = 0
         for item, output in zip(batch, outputs, strict=True):
-            tokens = output[1]
-            output_tokens += tokens
+            output_tokens += output.tokens
             if not item.future.done():
-                item.future.set_result(SentenceResult(output[0], started - item.enqueued, seconds, tokens,
-                                                      output[2] if scored else None,
-                                                      list(output[3]) if num_hypotheses > 1 else []))
+                item.future.set_result(SentenceResult(
+                    output.text, started - item.enqueued, seconds, output.tokens, output.log_prob,
+                    list(output.alternatives)))
         padded = len(batch) * max(len(item.pieces) + 1 for item in batch)
         self._on_batch(BatchStats(self.model, len(batch), padded, output_tokens, seconds))

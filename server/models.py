@@ -33,6 +33,7 @@ from wdserve.artifacts import (
 )
 from wdserve.errors import WdserveError
 from wdserve.pieces import Tokenizer
+from wdserve.server.batching import Output
 
 log = logging.getLogger(__name__)
 
@@ -90,18 +91,11 @@ class ServedModel:
                               self.tokenizer.source_end, return_scores, num_hypotheses)
 
     def translate_texts(self, batch: list[list[str]], beam_size: int, max_length: int,
-                        return_scores: bool = False, num_hypotheses: int = 1) -> list[tuple]:
-        """Blocking: source pieces -> (detokenized output, output token count) per sentence, and with
-        ``return_scores`` a third element, the output's mean token log-probability; with
-        ``num_hypotheses`` > 1 a fourth, the other n-best outputs' texts, best first (the batcher's
-        ``TranslateFn``)."""
-        outputs = self.decode(batch, beam_size, max_length, return_scores, num_hypotheses)
-        if num_hypotheses > 1:
-            return [(self.tokenizer.decode(o.tokens), len(o.tokens), o.log_prob,
-                     [self.tokenizer.decode(tokens) for tokens in o.others]) for o in outputs]
-        if return_scores:
-            return [(self.tokenizer.decode(o.tokens), len(o.tokens), o.log_prob) for o in outputs]
-        return [(self.tokenizer.decode(o.tokens), len(o.tokens)) for o in outputs]
+                        return_scores: bool = False, num_hypotheses: int = 1) -> list[Output]:
+        """Blocking: source pieces -> detokenized outputs (the batcher's ``TranslateFn``)."""
+        decode = self.tokenizer.decode
+        return [Output(decode(o.tokens), len(o.tokens), o.log_prob, [decode(tokens) for tokens in o.others])
+                for o in self.decode(batch, beam_size, max_length, return_scores, num_hypotheses)]
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -88,7 +88,7 @@ def served(marian, registry) -> dict[str, list[str]]:
     texts = {}
     for name, model in registry.models.items():
         pieces = [model.encode(text) for text in marian.sources]
-        texts[name] = [text for text, _ in model.translate_texts(pieces, beam_size=4, max_length=256)]
+        texts[name] = [output.text for output in model.translate_texts(pieces, beam_size=4, max_length=256)]
     return texts
 
 
@@ -193,6 +193,6 @@ def test_a_student_generated_from_the_teacher_exports_verifies_and_serves(marian
         pieces = [model.encode(text) for text in marian.sources]
         outputs = model.translate_pieces(pieces, beam_size=4, max_length=256)
         assert not {"<pad>", "<s>"} & {token for output in outputs for token in output}
-        assert all(text for text, _ in model.translate_texts(pieces, beam_size=1, max_length=256))
+        assert all(output.text for output in model.translate_texts(pieces, beam_size=1, max_length=256))
     finally:
         registry.close()

@@ -118,8 +118,8 @@ def test_evaluation_decodes_exactly_as_the_server_does(tiny_workdir: Path,
     limit = OutputLimit(settings.output_length_ratio, settings.output_length_margin)
     served = load_served("rambler", export, output_limit=limit)
     pieces = [served.encode(text) for text in sources]
-    served_outputs = [text for text, _ in served.translate_texts(pieces, beam_size=2,
-                                                                   max_length=settings.default_max_length)]
+    served_outputs = [output.text for output in served.translate_texts(pieces, beam_size=2,
+                                                                          max_length=settings.default_max_length)]
     evaluated = evaluate_ctranslate2(export, src, ref, beam_size=2)["hypotheses"][:12]
     assert evaluated == served_outputs
     # the test has teeth: the outputs are their limits' length, well short of the call's cap
@@ -129,7 +129,7 @@ def test_evaluation_decodes_exactly_as_the_server_does(tiny_workdir: Path,
     assert sum(at_limit) >= len(pieces) // 2 and max(lengths) < cap
     # and PyTorch's search, which the pipeline's BLEU comes from, stops where the server does
     model, vocab, _ = load_model(checkpoint)
-    greedy = [text for text, _ in served.translate_texts(pieces, 1, settings.default_max_length)]
+    greedy = [output.text for output in served.translate_texts(pieces, 1, settings.default_max_length)]
     assert translate(model, vocab, sources, beam_size=1) == greedy
 
 

@@ -66,7 +66,7 @@ def test_the_server_serves_every_export_and_the_bench_measures_them(run, tmp_pat
         served = registry.resolve("stu1")
         pieces = [served.encode(text) for text in ("ka lo mi", "su ta")]
         outputs = served.translate_texts(pieces, beam_size=2, max_length=32)
-        assert len(outputs) == 2 and all(isinstance(text, str) for text, _ in outputs)
+        assert len(outputs) == 2 and all(isinstance(output.text, str) for output in outputs)
     finally:
         registry.close()
     options = BenchOptions(workdir=run, out=tmp_path, models=["teacher", "stu1"], duration=1, rounds=1,

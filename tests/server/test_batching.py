@@ -9,7 +9,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from wdserve.server.batching import Batcher, BatchStats, ClientGone, ClientWatch, DeadlineExceeded, QueueFull
+from wdserve.server.batching import (
+    Batcher,
+    BatchStats,
+    ClientGone,
+    ClientWatch,
+    DeadlineExceeded,
+    Output,
+    QueueFull,
+)
 
 
 class FakeModel:
@@ -20,11 +28,12 @@ class FakeModel:
         self.delay_s = delay_s
         self.lock = threading.Lock()
 
-    def __call__(self, batch: list[list[str]], beam_size: int, max_length: int) -> list[tuple[str, int]]:
+    def __call__(self, batch: list[list[str]], beam_size: int, max_length: int, scores: bool = False,
+                 hypotheses: int = 1) -> list[Output]:
         with self.lock:
             self.calls.append((len(batch), beam_size, max_length))
         time.sleep(self.delay_s)
-        return [(" ".join(pieces).upper(), len(pieces)) for pieces in batch]
+        return [Output(" ".join(pieces).upper(), len(pieces)) for pieces in batch]
 
 
 async def with_batcher(model: FakeModel, scenario, **options):
@@ -53,13 +62,10 @@ def test_concurrent_requests_share_calls_and_get_their_own_answers() -> None:
 def test_hypotheses_reach_the_model_and_requests_asking_for_more_never_share_a_call() -> None:
     calls: list[tuple] = []
 
-    def n_best(batch, beam_size, max_length, *options):
-        calls.append((len(batch), *options))
-        if not options:
-            return [(" ".join(pieces), len(pieces)) for pieces in batch]
-        _, num_hypotheses = options  # (return_scores, num_hypotheses): given only when asking for more
+    def n_best(batch, beam_size, max_length, scores, num_hypotheses):
+        calls.append((len(batch), num_hypotheses))
         texts = [" ".join(pieces) for pieces in batch]
-        return [(text, len(pieces), None, [f"{text} #{k}" for k in range(1, num_hypotheses)])
+        return [Output(text, len(pieces), None, [f"{text} #{k}" for k in range(1, num_hypotheses)])
                 for text, pieces in zip(texts, batch, strict=True)]
 
     async def scenario(batcher: Batcher):
@@ -68,7 +74,7 @@ def test_hypotheses_reach_the_model_and_requests_asking_for_more_never_share_a_c
                                     batcher.translate([["c"]], 1, 10, timeout_s=5, num_hypotheses=3))
 
     (plain, b, c), _ = asyncio.run(with_batcher(n_best, scenario, max_batch_size=8, max_wait_s=0.05))
-    assert sorted(calls) == [(1,), (2, False, 3)]
+    assert sorted(calls) == [(1, 1), (2, 3)]
     assert (plain[0].text, plain[0].alternatives) == ("a", [])
     assert (b[0].text, b[0].alternatives, c[0].alternatives) == ("b", ["b #1", "b #2"], ["c #1", "c #2"])
 
@@ -135,11 +141,11 @@ def test_deadline_in_queue_fails_fast_and_never_reaches_the_model(late: list[lis
 def test_model_error_fails_only_its_batch() -> None:
     calls = []
 
-    def flaky(batch, beam_size, max_length):
+    def flaky(batch, *options):
         calls.append(batch)
         if len(calls) == 1:
             raise RuntimeError("boom")
-        return [("ok", 1) for _ in batch]
+        return [Output("ok", 1) for _ in batch]
 
     async def scenario(batcher: Batcher):
         with pytest.raises(RuntimeError, match="boom"):
@@ -158,10 +164,10 @@ class GatedModel(FakeModel):
         self.gate = threading.Event()
         self.running = threading.Event()
 
-    def __call__(self, batch: list[list[str]], beam_size: int, max_length: int) -> list[tuple[str, int]]:
+    def __call__(self, batch: list[list[str]], *options) -> list[Output]:
         self.running.set()
         self.gate.wait(30)
-        return super().__call__(batch, beam_size, max_length)
+        return super().__call__(batch, *options)
 
 
 def test_a_client_leaving_withdraws_its_queued_sentences_and_frees_their_places() -> None:

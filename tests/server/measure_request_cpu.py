@@ -38,7 +38,7 @@ from pathlib import Path
 
 # Runs in the server process: import the tree's packages as wdserve.*, make the models sleep, serve.
 LAUNCHER = r"""
-import importlib.util, sys, time, types
+import collections, importlib.util, sys, time, types
 from pathlib import Path
 root = Path(sys.argv[1])
 package = types.ModuleType("wdserve")
@@ -53,9 +53,11 @@ package.server = server
 from wdserve.server import models
 assert models.__file__.startswith(str(root)), models.__file__
 
-def sleeping_translate(self, batch, beam_size, max_length):
+Output = collections.namedtuple("Output", "text tokens log_prob alternatives")  # a tuple to older trees
+
+def sleeping_translate(self, batch, beam_size, max_length, *options):
     time.sleep(0.025)
-    return [("translated", 1)] * len(batch)
+    return [Output("translated", 1, None, ())] * len(batch)
 
 models.ServedModel.translate_texts = sleeping_translate
 from wdserve.server.cli import configure_serve, run_serve
@@ -126,7 +128,8 @@ def count_instructions(tree: Path, args: argparse.Namespace, out: Path) -> float
     dump = out / f"callgrind.{port}"
     command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={dump}", "--cache-sim=no",
                "--branch-sim=no", sys.executable, "-c", LAUNCHER, str(tree.resolve()),
-               "--workdir", str(args.workdir), "--port", str(port), "--log-level", "warning"]
+               "--workdir", str(args.workdir), "--port", str(port), "--log-level", "warning",
+               "--request-timeout-s", "600"]  # 50 times slower: a busy machine would pass the default
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "PYTHONMALLOC": "malloc"})
     try:

@@ -306,22 +306,21 @@ class Batcher:
                 wait = oldest.enqueued + self.max_wait_s - time.monotonic() if oldest else 0
             batch = self._take_batch()
             if batch:
-                await self._run_batch(loop, batch)
+                try:
+                    await self._run_batch(loop, batch)
+                except Exception as err:  # a model fault fails its batch, not the collector
+                    log.exception("model %s: translate_batch failed for %d sentences", self.model, len(batch))
+                    self._fail([item.future for item in batch], err)
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         beam_size, max_length, num_hypotheses = batch[0].key
         scored = any(item.scores for item in batch)
         started = time.monotonic()
-        try:
-            outputs = await loop.run_in_executor(
-                self._executor, self._translate, [item.pieces for item in batch], beam_size, max_length,
-                scored, num_hypotheses)
-        except Exception as err:  # a model fault fails this batch's requests, not the server
-            log.exception("model %s: translate_batch failed for %d sentences", self.model, len(batch))
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(err)
-            return
+        outputs = await loop.run_in_executor(
+            self._executor, self._translate, [item.pieces for item in batch], beam_size, max_length, scored,
+            num_hypotheses)
+        if len(outputs) != len(batch):  # checked before any request is answered from a misaligned list
+            raise RuntimeError(f"{len(outputs)} outputs for {len(batch)} sentences")
         seconds = time.monotonic() - started
         self._last_batch_s = seconds
         output_tokens = 0

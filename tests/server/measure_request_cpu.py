@@ -38,7 +38,7 @@ from pathlib import Path
 
 # Runs in the server process: import the tree's packages as wdserve.*, make the models sleep, serve.
 LAUNCHER = r"""
-import collections, importlib.util, sys, time, types
+import importlib.util, sys, time, types
 from pathlib import Path
 root = Path(sys.argv[1])
 package = types.ModuleType("wdserve")
@@ -53,11 +53,11 @@ package.server = server
 from wdserve.server import models
 assert models.__file__.startswith(str(root)), models.__file__
 
-Output = collections.namedtuple("Output", "text tokens log_prob alternatives")  # a tuple to older trees
+OUTPUT = models.Output("translated", 1) if hasattr(models, "Output") else ("translated", 1)  # older trees
 
 def sleeping_translate(self, batch, beam_size, max_length, *options):
     time.sleep(0.025)
-    return [Output("translated", 1, None, ())] * len(batch)
+    return [OUTPUT] * len(batch)
 
 models.ServedModel.translate_texts = sleeping_translate
 from wdserve.server.cli import configure_serve, run_serve

@@ -156,6 +156,26 @@ def test_model_error_fails_only_its_batch() -> None:
     assert results[0].text == "ok"
 
 
+@pytest.mark.parametrize("bad_outputs", [
+    lambda batch: [Output("ok", 1)] * (len(batch) - 1),  # one output short
+    lambda batch: [("ok",)] * len(batch),  # not Outputs
+])
+def test_outputs_that_do_not_fit_the_batch_fail_it_and_the_collector_goes_on(bad_outputs) -> None:
+    calls = []
+
+    def faulty(batch, *options):
+        calls.append(batch)
+        return bad_outputs(batch) if len(calls) == 1 else [Output("ok", 1) for _ in batch]
+
+    async def scenario(batcher: Batcher):
+        with pytest.raises(Exception):  # noqa: B017 (whatever the fault, it reaches the request)
+            await batcher.translate([["a"], ["b"]], 1, 10, timeout_s=5)
+        return await batcher.translate([["c"]], 1, 10, timeout_s=5)
+
+    results, _ = asyncio.run(with_batcher(faulty, scenario))
+    assert results[0].text == "ok"
+
+
 class GatedModel(FakeModel):
     """A FakeModel whose calls wait until the test opens the gate, so a batch stays running on cue."""
 

@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -210,24 +211,33 @@ CompareBody = Annotated[CompareRequest, parsed_body(CompareRequest)]
 DetectBody = Annotated[DetectRequest, parsed_body(DetectRequest)]
 
 
-async def get_detection(state: State, req: TranslateBody) -> Detection | None:
+@dataclass(frozen=True)
+class AutoSource:
+    """What source "auto" found: the language, and the checked job it was found in."""
+
+    detection: Detection
+    job: service.Job
+
+
+async def get_detection(state: State, req: TranslateBody) -> AutoSource | None:
     """With source "auto", the language the texts are in (400 when it cannot be told or is not served).
 
-    Only then are the texts checked before the model is chosen (and again by the route, which is
-    cheap beside detection): otherwise the model comes first, so that text errors count under it.
+    Only then are the texts checked before the model is chosen, and the route reuses that job:
+    otherwise the model comes first, so that text errors count under it.
     """
     if req.source != "auto":
         return None
-    return await service.detect_source(state, await service.check_job(req, state.settings))
+    job = await service.check_job(req, state.settings)
+    return AutoSource(await service.detect_source(state, job), job)
 
 
-Detected = Annotated[Detection | None, Depends(get_detection)]
+Detected = Annotated[AutoSource | None, Depends(get_detection)]
 
 
 async def get_model(request: Request, state: State, req: TranslateBody,
                     detected: Detected) -> ServedModel | Cascade:
     """The model (or cascade) that translates the request, named in ``request.state`` for the metrics."""
-    source = detected.language if detected is not None else req.source
+    source = detected.detection.language if detected is not None else req.source
     served = choose_cascade(state, req.model, source, req.target) or service.choose_model(
         state.registry, state.settings, req.model, source, req.target)
     request.state.model = served.name
@@ -339,7 +349,7 @@ def add_routes(app: FastAPI, metrics: ServerMetrics, settings: ServeSettings) ->
         form-encoded and multipart bodies, as LibreTranslate does. A client that disconnects
         while waiting withdraws its sentences (counted as status 499).
         """
-        job = await service.check_job(req, state.settings)
+        job = detected.job if detected is not None else await service.check_job(req, state.settings)
         client = service.client_watch(request)
         try:
             result = await service.translate(state, served, job, client)
@@ -350,10 +360,11 @@ def add_routes(app: FastAPI, metrics: ServerMetrics, settings: ServeSettings) ->
             "translatedText": result.texts[0] if one else result.texts,
             "model": result.model, "timing": result.timing()}
         if detected is not None:  # one language for the request, repeated per text as LibreTranslate does
-            found = detected.as_json()
+            found = detected.detection.as_json()
             response["detectedLanguage"] = found if one else [found] * len(job.texts)
         if job.alternatives:
-            response["alternatives"] = result.alternatives[0] if one else result.alternatives
+            alternatives = result.alternatives()
+            response["alternatives"] = alternatives[0] if one else alternatives
         response.update(response_fields(result, one, job.confidence,
                                         job.confidence or isinstance(served, Cascade)))
         if state.shadow is not None:

@@ -59,10 +59,13 @@ def response_fields(result: Translation, single: bool, with_confidence: bool,
     """The response's ``confidence`` (per text) and ``sentences`` (per sentence: text, model, confidence),
     each shaped like ``translatedText``: a value for a string ``q``, a list for a list."""
     fields: dict[str, Any] = {}
+    if not (with_confidence or with_sentences):
+        return fields
+    by_text = result.by_text()
     if with_confidence:
-        per_text = [_rounded(text_confidence(sentences)) for sentences in result.sentences]
+        per_text = [_rounded(text_confidence(sentences)) for sentences in by_text]
         fields["confidence"] = per_text[0] if single else per_text
     if with_sentences:
-        per_text = [[sentence_details(s) for s in sentences] for sentences in result.sentences]
+        per_text = [[sentence_details(s) for s in sentences] for sentences in by_text]
         fields["sentences"] = per_text[0] if single else per_text
     return fields

@@ -93,13 +93,37 @@ class Sentence:
 
 @dataclass
 class Translation:
+    """A request's translated sentences, in order, and the texts they join back into.
+
+    What only some requests read (per-text sentence lists, alternatives) is computed when read,
+    so a plain request pays for its texts and nothing else.
+    """
+
     model: str
-    texts: list[str]
+    split: Split
+    sentences: list[Sentence]  # every sentence of every text, in order
     total_ms: float
     queue_ms: float
     translate_ms: float
-    sentences: list[list[Sentence]] = field(default_factory=list)  # per text, in order
-    alternatives: list[list[str]] = field(default_factory=list)  # per text (empty unless asked for)
+
+    @property
+    def texts(self) -> list[str]:
+        return self.split.join([sentence.text for sentence in self.sentences])
+
+    def by_text(self) -> list[list[Sentence]]:
+        """The sentences grouped per input text."""
+        return self.split.per_text(self.sentences)
+
+    def alternatives(self) -> list[list[str]]:
+        """Per text, its other translations, best first: alternative k joins the sentences' k-th best
+        outputs (a sentence's best where its list is shorter); alternatives equal to the translation or
+        to each other are dropped."""
+        sentences = self.sentences
+        ranks = max((len(sentence.alternatives) for sentence in sentences), default=0)
+        ranked = [self.split.join([sentence.alternatives[rank] if rank < len(sentence.alternatives)
+                                   else sentence.text for sentence in sentences]) for rank in range(ranks)]
+        return [list(dict.fromkeys(other for other in others if other != best))
+                for best, *others in zip(self.texts, *ranked, strict=True)]
 
     def timing(self) -> dict[str, float]:
         return {"total_ms": round(self.total_ms, 3), "queue_ms": round(self.queue_ms, 3),
@@ -424,24 +448,14 @@ async def translate_sentences(state: ServerState, served: ServedModel, pieces: l
 
 def assemble(model: str, split: Split, sentences: list[Sentence], started: float,
              results: list[SentenceResult]) -> Translation:
-    """The translated sentences joined back into texts, with the request's timing.
-
-    Alternative k of a text joins its sentences' k-th best outputs (a sentence's best where its
-    list is shorter); alternatives equal to the translation or to each other are dropped.
-    """
-    texts = split.join([sentence.text for sentence in sentences])
-    ranks = max((len(sentence.alternatives) for sentence in sentences), default=0)
-    ranked = [split.join([sentence.alternatives[rank] if rank < len(sentence.alternatives) else sentence.text
-                          for sentence in sentences]) for rank in range(ranks)]
+    """The translated sentences with the request's timing."""
     return Translation(
         model=model,
-        texts=texts,
+        split=split,
+        sentences=sentences,
         total_ms=(time.perf_counter() - started) * 1000,
         queue_ms=max((result.queued_s for result in results), default=0.0) * 1000,
         translate_ms=max((result.compute_s for result in results), default=0.0) * 1000,
-        sentences=split.per_text(sentences),
-        alternatives=[list(dict.fromkeys(other for other in others if other != best))
-                      for best, *others in zip(texts, *ranked, strict=True)],
     )
 
 

@@ -118,7 +118,7 @@ class Shadow:
         """Called once the user's answer is ready: queues the request for the reference, at ``rate``."""
         if served.name not in self.agreement or self._sample() >= self.rate:
             return
-        sentences = [sentence for text in result.sentences for sentence in text]
+        sentences = result.sentences
         shadow = ShadowJob(served.name, [s.source for s in sentences], [s.text for s in sentences],
                            job.beam_size, job.max_length)
         try:

@@ -31,7 +31,8 @@ from wdserve.server.settings import ServeSettings
 
 async def canned_translate(state: Any, served: Any, job: Any, *options: Any) -> Translation:
     texts = getattr(job, "texts", job)  # app.py before service.Job passed texts, beam_size, max_length
-    return Translation(served.name, [f"<{text}>" for text in texts], 1.0, 0.1, 0.9)
+    sentences = [service.Sentence(text, f"<{text}>", served.name, 1) for text in texts]
+    return Translation(served.name, service.Split([([text], []) for text in texts]), sentences, 1.0, 0.1, 0.9)
 
 
 def load_app_module(path: Path, index: int) -> Any:

@@ -18,8 +18,9 @@ Files in ``out_dir``:
 
 - ``checkpoint_last.pt``: the student as a loadable checkpoint plus ``train_state``
   (the whole module, optimizer, step, epoch and batch position, RNG states of every
-  rank, best BLEU, history); written every ``eval_every`` updates and at the end,
-  and read back to resume. ``train_state["done"]`` marks a finished run;
+  rank, best BLEU, history); written every ``eval_every`` updates, at the first log
+  step after every ``save_every_s`` seconds of training, and at the end, and read back
+  to resume. ``train_state["done"]`` marks a finished run;
 - ``checkpoint_best.pt``: the student with the best dev BLEU so far (meta has
   ``dev_bleu`` and ``step``);
 - ``checkpoint_avg.pt`` (``average_last`` = K > 1): the mean of the student's
@@ -77,6 +78,9 @@ class TrainConfig:
     seed: int = 1
     eval_every: int = 1000  # dev BLEU and checkpoint_last.pt every N updates
     log_every: int = 100
+    # also write checkpoint_last.pt once this many seconds of training have passed since the last one
+    # (checked at log steps), so a killed run loses little between evaluations; 0: only at evaluations
+    save_every_s: float = 600.0
     average_last: int = 0  # K > 1: average the student's weights at the last K evaluations
     dev_beam_size: int = 1
     dev_batch_size: int = 64
@@ -90,7 +94,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"train config: {name} must be > 0, got {getattr(self, name)}")
-        for name in ("warmup_steps", "max_epochs", "clip_norm", "average_last", "patience"):
+        for name in ("warmup_steps", "max_epochs", "clip_norm", "average_last", "patience", "save_every_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train config: {name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -327,7 +331,7 @@ class _Trainer:
         self.step, self.epoch, self.position = ts["step"], ts["epoch"], ts["position"]
         self.best_bleu, self.bad_evals, self.last_eval_step = ts["best_bleu"], ts["bad_evals"], ts["step"]
         self.history, self.snapshots, self.elapsed_before = ts["history"], ts["snapshots"], ts["elapsed"]
-        changed = sorted(k for k, v in asdict(self.cfg).items() if ts["config"].get(k) != v)
+        changed = sorted(k for k, v in asdict(self.cfg).items() if ts["config"].get(k, v) != v)
         if changed:
             log.warning("resuming with changed train settings: %s", ", ".join(changed))
         if ts["world_size"] == self.world:
@@ -378,6 +382,7 @@ class _Trainer:
                  cfg.max_tokens, cfg.accum_steps)
 
         self.session_start, self.session_step = time.time(), self.step
+        self.saved_at = self.session_start
         self.window = self.new_window()
         self.eval_loss, self.eval_tokens = 0.0, 0
         batches = self.stream()
@@ -390,6 +395,9 @@ class _Trainer:
                 self.log_progress()
             if self.step % cfg.eval_every == 0:
                 self.evaluate_and_save()
+            elif self.step % cfg.log_every == 0 and self.save_due():
+                self.save_last(done=False)
+                log.info("step %d: %s written (save_every_s %g)", self.step, LAST, cfg.save_every_s)
         if self.last_eval_step != self.step:
             self.evaluate_and_save()
         self.finish(_stop_reason(self.progress(), cfg) or "max_epochs")
@@ -528,6 +536,13 @@ class _Trainer:
             "snapshots": self.snapshots, "elapsed": self.elapsed(), "done": done,
         }
 
+    def save_due(self) -> bool:
+        """``save_every_s`` has passed since checkpoint_last.pt was written."""
+        if not self.cfg.save_every_s:
+            return False
+        due = time.time() - self.saved_at >= self.cfg.save_every_s
+        return bool(self.broadcast_int(int(due)))  # rank 0's clock decides for every rank
+
     def save_last(self, done: bool) -> None:
         rng = _rng_state(self.device)
         ranks = [rng]
@@ -538,6 +553,7 @@ class _Trainer:
             save_checkpoint(self.out_dir / LAST, self.student, self.vocab, meta=self.meta,
                             train_state=self.train_state(done, ranks))
         self.barrier()
+        self.saved_at = time.time()
 
     def finish(self, reason: str) -> None:
         if self.rank == 0 and self.cfg.average_last > 1 and len(self.snapshots) > 1:

@@ -217,18 +217,20 @@ def final_weights(path: Path) -> dict[str, torch.Tensor]:
     return read_checkpoint(path)["model"]
 
 
-@pytest.mark.parametrize("interruption", ["kill", "max_steps"])
+@pytest.mark.parametrize("interruption", ["kill", "kill between evaluations", "max_steps"])
 def test_resumed_training_matches_an_uninterrupted_run(corpus, tmp_path, caplog, interruption):
     """Dropout, accumulation, clipping and an epoch boundary all have to survive the restart bit for bit."""
     vocab, pairs, examples = corpus
-    settings = {"accum_steps": 2, "clip_norm": 1.0, "max_steps": 12, "eval_every": 4}
+    settings = {"accum_steps": 2, "clip_norm": 1.0, "max_steps": 12, "eval_every": 4, "save_every_s": 0}
+    if interruption == "kill between evaluations":  # only save_every_s writes checkpoint_last.pt by then
+        settings |= {"eval_every": 12, "save_every_s": 1e-9}
     valid = pairs[:8]
     full = train(tiny_model(vocab), vocab, examples, valid, config(**settings), tmp_path / "full", META)
     epochs_crossed = read_checkpoint(full.last_path)["train_state"]["epoch"]
     assert epochs_crossed >= 1, "the run should cross an epoch boundary"
 
     run = tmp_path / "interrupted"
-    if interruption == "kill":  # dies during update 10, after checkpoint_last.pt was written at step 8
+    if interruption.startswith("kill"):  # dies in update 10, after checkpoint_last.pt was written at step 8
         with pytest.raises(SimulatedKill):
             train(tiny_model(vocab), vocab, examples, valid, config(**settings), run, META,
                   loss_fn=killing_loss(after_calls=2 * 9 + 1))

@@ -304,14 +304,15 @@ def test_ckd_decoder_loss_on_a_real_model_ignores_what_the_padded_target_positio
     def unmasked() -> float:
         _, _, projected = module(data.src, data.tgt_in, with_hidden=True)
         _, _, hidden = teacher.forward_with_hidden(data.src, data.tgt_in)
-        return float(CKDLoss.intermediate(projected, hidden, [[1, 2]], torch.ones_like(data.tgt_out)))
+        every_position = torch.ones_like(data.tgt_out)
+        return float(CKDLoss.intermediate(projected, hidden, [[1, 2]], every_position).detach())
 
     before, stats = loss_fn(module, data)
     everywhere = unmasked()
     data.tgt_in[1, -2:] = torch.tensor([7, 9])
     after, _ = loss_fn(module, data)
     assert float(stats["intermediate"]) > 0.01
-    assert float(after) == pytest.approx(float(before), rel=1e-6)
+    assert float(after.detach()) == pytest.approx(float(before.detach()), rel=1e-6)
     assert unmasked() != pytest.approx(everywhere, rel=1e-3)
 
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs
 
@@ -106,7 +107,7 @@ class Translation:
     queue_ms: float
     translate_ms: float
 
-    @property
+    @cached_property  # the response reads it, and alternatives() again
     def texts(self) -> list[str]:
         return self.split.join([sentence.text for sentence in self.sentences])
 

@@ -6,7 +6,11 @@ the sentences greedily; then
 - PyTorch, teacher-forced on exactly those tokens, must pick each of them as its
   argmax (and ``</s>`` where CTranslate2 stopped): that is the statement "greedy
   decoding gives identical tokens", checked step by step up to the shared length
-  cap, without depending on two decoders agreeing about when to stop;
+  cap, without depending on two decoders agreeing about when to stop. A token
+  PyTorch scores within ``FLOAT32_LOGPROB_TOLERANCE`` of its argmax counts as its
+  pick (a tie, which float rounding breaks either way; counted in ``ties``): an
+  undertrained model's near-uniform output has them, and they say nothing about
+  the conversion;
 - CTranslate2's per-token log-probabilities (``Translator.score_batch``) are
   compared with PyTorch's log-softmax at the same positions;
 - each variant's detokenized output is scored with sacreBLEU against the float32
@@ -143,7 +147,7 @@ def _compare_with_pytorch(
     batch_size: int,
 ) -> dict:
     """Teacher-forces PyTorch on CTranslate2's greedy tokens; see the module docstring."""
-    identical = 0
+    identical = ties = 0
     first_mismatch = None
     diffs: list[np.ndarray] = []
     for start in range(0, len(sources), batch_size):
@@ -162,19 +166,31 @@ def _compare_with_pytorch(
             diffs.append(np.abs(theirs - ours))
             # Without the cap, CTranslate2 stopped because </s> was its argmax: check that step too.
             checked = n if n - 1 < max_length else n - 1
-            greedy = log_probs[row, :checked].argmax(dim=-1)
-            if torch.equal(greedy, target[:checked]):
+            mismatches, sentence_ties = greedy_mismatches(log_probs[row, :checked], target[:checked])
+            ties += sentence_ties
+            if not mismatches:
                 identical += 1
             elif first_mismatch is None:
-                step = int((greedy != target[:checked]).nonzero()[0, 0])
+                step = mismatches[0]
                 first_mismatch = {"sentence": i, "step": step, "ctranslate2": int(target[step]),
-                                  "pytorch": int(greedy[step])}
+                                  "pytorch": int(log_probs[row, step].argmax())}
     all_diffs = np.concatenate(diffs)
     return {
         "greedy_identical": identical == len(sources),
         "identical_sentences": identical,
         "first_mismatch": first_mismatch,
+        "ties": ties,
         "max_logprob_diff": float(all_diffs.max()),
         "mean_logprob_diff": float(all_diffs.mean()),
         "mean_output_tokens": float(np.mean([len(h) for h in hypotheses])),
     }
+
+
+def greedy_mismatches(log_probs: torch.Tensor, tokens: torch.Tensor) -> tuple[list[int], int]:
+    """The steps where ``tokens`` (T,) is not the argmax of ``log_probs`` (T, V), and how many steps
+    took a token that ties with the argmax within ``FLOAT32_LOGPROB_TOLERANCE`` (not mismatches)."""
+    best = log_probs.max(dim=-1).values
+    chosen = log_probs.gather(1, tokens[:, None])[:, 0]
+    not_argmax = log_probs.argmax(dim=-1) != tokens
+    tied = not_argmax & (best - chosen < FLOAT32_LOGPROB_TOLERANCE)
+    return (not_argmax & ~tied).nonzero()[:, 0].tolist(), int(tied.sum())

@@ -20,7 +20,12 @@ from wdserve.distill.synthetic import generate_pairs
 from wdserve.distill.vocab import Vocab, train_sentencepiece
 from wdserve.distill.wd import WeightGenerator
 from wdserve.export.convert import ExportError, TransformerConverter, convert_checkpoint, export_all
-from wdserve.export.verify import SKIPPED_NEEDS_CUDA, verify_export
+from wdserve.export.verify import (
+    FLOAT32_LOGPROB_TOLERANCE,
+    SKIPPED_NEEDS_CUDA,
+    greedy_mismatches,
+    verify_export,
+)
 
 MAX_LENGTH = 24  # greedy steps; random models rarely stop on their own
 TOLERANCE = 1e-4
@@ -258,6 +263,20 @@ def test_verify_export_detects_a_wrong_model(tmp_path, tiny_workdir):
     entry = report["variants"]["float32"]
     assert report["float32_parity"] is False
     assert entry["same_checkpoint"] is False and entry["max_logprob_diff"] > 1e-2
+
+
+def test_greedy_check_takes_a_tie_for_a_pick_and_anything_else_for_a_mismatch():
+    """An undertrained model's near-uniform output has ties that rounding breaks either way: the
+    micro pipeline's WD student once failed parity on one, its log-probs 1e-6 from PyTorch's."""
+    log_probs = torch.log_softmax(torch.tensor([
+        [2.0, 1.0, 0.0],   # 0 is the argmax
+        [1.0, 1.0, 0.0],   # 0 and 1 tie exactly: argmax says 0
+        [1.0, 1.0 - FLOAT32_LOGPROB_TOLERANCE / 2, 0.0],  # a near tie
+        [1.0, 1.0 - FLOAT32_LOGPROB_TOLERANCE * 2, 0.0],  # not a tie
+    ]), dim=-1)
+    assert greedy_mismatches(log_probs, torch.tensor([0, 0, 0, 0])) == ([], 0)
+    assert greedy_mismatches(log_probs, torch.tensor([0, 1, 1, 0])) == ([], 2)
+    assert greedy_mismatches(log_probs, torch.tensor([1, 1, 1, 1])) == ([0, 3], 2)
 
 
 def wdserve_export(argv: list[str]) -> int:

@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,23 +63,37 @@ def configure_pipeline(parser: argparse.ArgumentParser) -> None:
         "--device", default=os.environ.get("WDSERVE_DEVICE"),
         help="cpu, cuda or cuda:N (default: $WDSERVE_DEVICE, else cuda when present)",
     )
+    parser.add_argument(
+        "--jobs", type=int, default=1, metavar="N",
+        help="train up to N students at once, each in its own process with 1/N of PyTorch's threads "
+             "(default 1: one after another). On a CPU, several students with fewer threads each "
+             "finish sooner than one at a time; on one GPU they share it",
+    )
 
 
 def run_pipeline(args: argparse.Namespace) -> None:
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
     config = PipelineConfig.load(args.config)
     if args.students:
         config = config.select_students(args.students.split(","))
     config.check_fields(str(args.config))
-    Pipeline(config, args.workdir, data_dir=args.data_dir, device=args.device).run()
+    Pipeline(config, args.workdir, data_dir=args.data_dir, device=args.device, jobs=args.jobs).run()
 
 
 class Pipeline:
     def __init__(
-        self, config: PipelineConfig, workdir: Path, data_dir: Path | None = None, device: str | None = None
+        self,
+        config: PipelineConfig,
+        workdir: Path,
+        data_dir: Path | None = None,
+        device: str | None = None,
+        jobs: int = 1,
     ) -> None:
         import torch
 
         self.config = config
+        self.jobs = jobs
         self.workdir = Path(workdir)
         self.data_dir = data_dir
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -296,27 +310,85 @@ class Pipeline:
     def stage_students(self) -> None:
         from wdserve.distill.checkpoint import read_checkpoint
         from wdserve.distill.model import ModelConfig
-        from wdserve.distill.students import student_config, train_student
+        from wdserve.distill.students import student_config
 
         teacher_config = ModelConfig.from_dict(read_checkpoint(self.rundir.checkpoint("teacher"))["config"])
         valid = self.pairs("valid")
         datasets: dict[str, list[tuple[str, str]]] = {}  # read once, shared by students on the same data
+        jobs = []
         for spec in self.config.students:
             if spec.data not in datasets:
                 datasets[spec.data] = (self.pairs("train") if spec.data == "bitext"
                                        else self.seqkd_pairs(self.config.seqkd.with_bitext))
-            train_pairs = datasets[spec.data]
-            config = student_config(teacher_config, spec.preset, spec.model)
-            log.info("student %s: method %s on %s data (%d pairs)", spec.name, spec.method, spec.data,
-                     len(train_pairs))
-            own = self.rundir.checkpoint(spec.own_from) if spec.own_from else None
-            spec = spec.with_seed(self.config.seed)
-            path = train_student(self.rundir.checkpoint(TEACHER), spec, config, train_pairs, valid,
-                                 self.rundir.model_dir(spec.name), device=self.device, own_checkpoint=own)
-            self.report["models"].setdefault(spec.name, {}).update(
-                {"method": spec.method, "data": spec.data, "checkpoint": str(path), "seed": spec.seed}
-                | ({"group": spec.group} if spec.group else {})
-            )
+            jobs.append(StudentJob(
+                spec=spec.with_seed(self.config.seed),
+                config=student_config(teacher_config, spec.preset, spec.model),
+                teacher=self.rundir.checkpoint(TEACHER),
+                own=self.rundir.checkpoint(spec.own_from) if spec.own_from else None,
+                out_dir=self.rundir.model_dir(spec.name),
+                train_pairs=datasets[spec.data],
+                valid_pairs=valid,
+                device=self.device,
+            ))
+        if self.jobs == 1 or len(jobs) == 1:
+            for job in jobs:
+                self.record_student(job.spec, job.run())
+        else:
+            self.train_in_parallel(jobs)
+
+    def train_in_parallel(self, jobs: list[StudentJob]) -> None:
+        """Trains ``jobs`` in ``self.jobs`` spawned processes, each with its share of PyTorch's threads.
+        A gated-ws student starts once the student it starts from has finished. A student that fails
+        does not stop the others: they run to the end (their checkpoints kept), then the first failure
+        is raised."""
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+        from concurrent.futures.process import BrokenProcessPool
+
+        import torch
+
+        threads = max(1, torch.get_num_threads() // self.jobs)
+        log.info("training %d students, %d at a time, %d PyTorch thread(s) each",
+                 len(jobs), self.jobs, threads)
+        waiting = list(jobs)  # config order: own_from always names an earlier student
+        unfinished = {job.spec.name for job in jobs}
+        running: dict[Future[Path], StudentJob] = {}
+        failures: list[tuple[str, Exception]] = []
+        pool = ProcessPoolExecutor(
+            max_workers=self.jobs, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_student_worker, initargs=(threads, logging.getLogger().getEffectiveLevel()),
+        )
+        with pool:
+            while waiting or running:
+                for job in [job for job in waiting if job.spec.own_from not in unfinished]:
+                    waiting.remove(job)
+                    running[pool.submit(_train_in_worker, job)] = job
+                if not running:  # what is left waits for a student that failed
+                    for job in waiting:
+                        log.error("student %s: not trained: %s failed", job.spec.name, job.spec.own_from)
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    job = running.pop(future)
+                    try:
+                        path = future.result()
+                    except Exception as err:  # noqa: BLE001 - kept, raised after the others finish
+                        log.error("student %s failed: %s", job.spec.name, err)
+                        failures.append((job.spec.name, err))
+                        if isinstance(err, BrokenProcessPool):  # a worker died (killed, out of memory)
+                            waiting.clear()
+                        continue
+                    unfinished.discard(job.spec.name)
+                    self.record_student(job.spec, path)
+                    self.write_report()
+        if failures:
+            raise failures[0][1]  # as the sequential run would; the worker's traceback is its cause
+
+    def record_student(self, spec: StudentSpec, checkpoint: Path) -> None:
+        self.report["models"].setdefault(spec.name, {}).update(
+            {"method": spec.method, "data": spec.data, "checkpoint": str(checkpoint), "seed": spec.seed}
+            | ({"group": spec.group} if spec.group else {})
+        )
 
     def stage_export(self) -> None:
         from wdserve.export.verify import verify_export
@@ -385,6 +457,46 @@ class Pipeline:
         pairs = self.pairs("test")
         hypotheses = translate(untrained, vocab, [src for src, _ in pairs], beam_size=1)
         self.report["untrained_test_bleu"] = score(hypotheses, [ref for _, ref in pairs])["bleu"]
+
+
+@dataclass(frozen=True)
+class StudentJob:
+    """What one student's training needs, picklable, so that a worker process can run it."""
+
+    spec: StudentSpec
+    config: ModelConfig
+    teacher: Path
+    own: Path | None  # gated-ws: the checkpoint that starts W_own
+    out_dir: Path
+    train_pairs: list[tuple[str, str]]
+    valid_pairs: list[tuple[str, str]]
+    device: str
+
+    def run(self) -> Path:
+        from wdserve.distill.students import train_student
+
+        log.info("student %s: method %s on %s data (%d pairs)", self.spec.name, self.spec.method,
+                 self.spec.data, len(self.train_pairs))
+        return train_student(self.teacher, self.spec, self.config, self.train_pairs, self.valid_pairs,
+                             self.out_dir, device=self.device, own_checkpoint=self.own)
+
+
+def _start_student_worker(threads: int, level: int) -> None:
+    """A spawned worker's setup: its share of the threads, and log lines that say whose they are."""
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(
+        level=level, datefmt="%H:%M:%S",
+        format="%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s",
+    )
+
+
+def _train_in_worker(job: StudentJob) -> Path:
+    import multiprocessing
+
+    multiprocessing.current_process().name = job.spec.name
+    return job.run()
 
 
 def seed_groups(models: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

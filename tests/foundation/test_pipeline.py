@@ -1,6 +1,7 @@
 """``wdserve pipeline`` end to end on a micro config: every stage, the report, and skip-on-rerun."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -100,3 +101,59 @@ def test_unknown_student_names_are_refused(run, capsys):
     config, workdir = run
     assert main(["pipeline", str(config), "--workdir", str(workdir), "--students", "stu9"]) == 2
     assert "not in the config" in capsys.readouterr().err
+
+
+MORE_STUDENTS = [  # one new seed, and a gated-ws student that starts from it (so must wait for it)
+    {**MICRO["students"][1], "seeds": [1, 2, 3]},
+    {"name": "student-gws", "method": "gated-ws", "preset": "stu1", "seeds": [3], "own_from": "student-kd",
+     "phase1": {"max_tokens": 1200, "lr": 0.002, "warmup_steps": 5, "max_steps": 5, "eval_every": 5},
+     "phase2": {"max_tokens": 1200, "lr": 0.003, "warmup_steps": 5, "max_steps": 10, "eval_every": 10}},
+]
+
+
+def _students_stage(run, tmp_path, students, jobs):
+    """The students stage of ``students`` on a copy of the micro run."""
+    from wdserve.config import PipelineConfig
+    from wdserve.pipeline import Pipeline
+
+    workdir = tmp_path / f"jobs{jobs}"
+    shutil.copytree(run[1], workdir)
+    pipeline = Pipeline(PipelineConfig.from_dict({**MICRO, "students": students}), workdir, device="cpu",
+                        jobs=jobs)
+    return pipeline, workdir
+
+
+def test_students_in_parallel_train_what_one_at_a_time_trains(run, tmp_path, caplog):
+    threads = max(1, torch.get_num_threads() // 2)  # each of two workers' share
+    parallel, parallel_dir = _students_stage(run, tmp_path, MORE_STUDENTS, jobs=2)
+    with caplog.at_level("INFO"):
+        parallel.stage_students()
+    assert f"training 4 students, 2 at a time, {threads} PyTorch thread(s) each" in caplog.text
+    sequential, sequential_dir = _students_stage(run, tmp_path, MORE_STUDENTS, jobs=1)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        sequential.stage_students()
+    finally:
+        torch.set_num_threads(saved)
+    for name in ("student-kd-s3", "student-gws-s3"):
+        ours, theirs = (read_checkpoint(root / "models" / name / "checkpoint_best.pt")["model"]
+                        for root in (parallel_dir, sequential_dir))
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[key], theirs[key]) for key in ours), name
+        expected = sequential.report["models"][name] | {
+            "checkpoint": str(parallel_dir / "models" / name / "checkpoint_best.pt")}
+        assert parallel.report["models"][name] == expected
+    assert parallel.report["models"]["student-gws-s3"]["group"] == "student-gws"
+
+
+def test_a_failed_student_lets_the_others_finish_then_fails_the_stage(run, tmp_path, caplog):
+    students = [{**MORE_STUDENTS[0], "seeds": [3, 4]}, MORE_STUDENTS[1]]
+    pipeline, workdir = _students_stage(run, tmp_path, students, jobs=2)
+    (workdir / "models" / "student-kd-s3").write_text("in the way")  # its model directory cannot be made
+    with caplog.at_level("INFO"), pytest.raises(FileExistsError):
+        pipeline.stage_students()
+    assert (workdir / "models" / "student-kd-s4" / "checkpoint_best.pt").is_file()
+    assert "student-kd-s4" in json.loads((workdir / "report.json").read_text())["models"]
+    assert "student-gws-s3: not trained: student-kd-s3 failed" in caplog.text
+    assert not (workdir / "models" / "student-gws-s3").exists()

@@ -157,3 +157,9 @@ def test_a_failed_student_lets_the_others_finish_then_fails_the_stage(run, tmp_p
     assert "student-kd-s4" in json.loads((workdir / "report.json").read_text())["models"]
     assert "student-gws-s3: not trained: student-kd-s3 failed" in caplog.text
     assert not (workdir / "models" / "student-gws-s3").exists()
+
+
+def test_jobs_below_one_are_refused(run, capsys):
+    config, workdir = run
+    assert main(["pipeline", str(config), "--workdir", str(workdir), "--jobs", "0"]) == 2
+    assert "--jobs must be at least 1, got 0" in capsys.readouterr().err

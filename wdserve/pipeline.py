@@ -353,7 +353,7 @@ class Pipeline:
         waiting = list(jobs)  # config order: own_from always names an earlier student
         unfinished = {job.spec.name for job in jobs}
         running: dict[Future[Path], StudentJob] = {}
-        failures: list[tuple[str, Exception]] = []
+        failures: list[Exception] = []
         pool = ProcessPoolExecutor(
             max_workers=self.jobs, mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_student_worker, initargs=(threads, logging.getLogger().getEffectiveLevel()),
@@ -374,7 +374,7 @@ class Pipeline:
                         path = future.result()
                     except Exception as err:  # noqa: BLE001 - kept, raised after the others finish
                         log.error("student %s failed: %s", job.spec.name, err)
-                        failures.append((job.spec.name, err))
+                        failures.append(err)
                         if isinstance(err, BrokenProcessPool):  # a worker died (killed, out of memory)
                             waiting.clear()
                         continue
@@ -382,7 +382,7 @@ class Pipeline:
                     self.record_student(job.spec, path)
                     self.write_report()
         if failures:
-            raise failures[0][1]  # as the sequential run would; the worker's traceback is its cause
+            raise failures[0]  # as the sequential run would; the worker's traceback is its cause
 
     def record_student(self, spec: StudentSpec, checkpoint: Path) -> None:
         self.report["models"].setdefault(spec.name, {}).update(
